@@ -1,0 +1,347 @@
+"""Project and persona configuration: typed models, YAML loading, overrides and one-line errors.
+
+Precedence is defaults < YAML < CLI overrides (dotted keys such as ``annotate.counts.ordinary``).
+Every user mistake becomes a ``UserError`` naming the file, the key and the fix.
+"""
+
+import glob
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from persllm.annotate.config import AnnotateConfig
+from persllm.curate.config import CurateConfig
+from persllm.errors import UserError
+from persllm.evaluate.config import EvalConfig
+from persllm.interact.config import ServeConfig
+from persllm.llm.config import LLMConfig
+from persllm.pairs.config import PairsConfig
+from persllm.schema import Section
+from persllm.train.config import DPOConfig, SFTConfig
+
+M = TypeVar("M", bound="Section")
+
+ROMAN = ["I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X", "XI", "XII"]
+TRAITS = ("O", "C", "E", "A", "N")
+
+
+def default_label(index: int) -> str:
+    """The stage label token of the stage at ``index`` (0-based): <TIME-I>, <TIME-II>, ..."""
+    numeral = ROMAN[index] if index < len(ROMAN) else str(index + 1)
+    return f"<TIME-{numeral}>"
+
+
+# --------------------------------------------------------------------------- persona file
+
+
+class StageConfig(Section):
+    id: str = Field(description="Stage id, unique within the persona, e.g. '1852-1860'.", min_length=1)
+    time: str = Field(description="Time phrase the model is told, e.g. 'It is 1858, in Springfield, Illinois.'")
+    label: str | None = Field(None, description="Stage label token; default <TIME-I>, <TIME-II>, ... in order.")
+    knowledge: list[str] = Field(
+        default_factory=list, description="Globs of objective material (biography, facts), relative to this file."
+    )
+    style: list[str] = Field(
+        default_factory=list, description="Globs of the person's own words (speeches, letters), relative to this file."
+    )
+    inherits: bool = Field(False, description="Also retrieve from all earlier stages' material.")
+
+    @field_validator("id")
+    @classmethod
+    def _id_is_plain(cls, value: str) -> str:
+        if "/" in value or value.startswith(".") or value.strip() != value:
+            raise ValueError("use a plain name without '/', leading dots or surrounding spaces")
+        return value
+
+
+class PersonaConfig(Section):
+    id: str = Field(description="Persona id used in file names and model names, e.g. 'lincoln'.", min_length=1)
+    name: str = Field(description="Display name, e.g. 'Abraham Lincoln'.")
+    profile: str = Field("", description="Short profile: who this is, temperament, what they care about.")
+    language: str = Field("en", description="Language of the material and of the dialogues.")
+    stages: list[StageConfig] = Field(description="Ordered life stages, earliest first.", min_length=1)
+    personality: dict[str, float] | None = Field(
+        None, description="Optional target Big Five profile on a 1-5 scale, keys O, C, E, A, N."
+    )
+
+    @field_validator("id")
+    @classmethod
+    def _id_is_plain(cls, value: str) -> str:
+        if not value.replace("-", "").replace("_", "").isalnum():
+            raise ValueError("use letters, digits, '-' and '_' only")
+        return value
+
+    @field_validator("personality")
+    @classmethod
+    def _traits_known(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None:
+            unknown = sorted(set(value) - set(TRAITS))
+            if unknown:
+                raise ValueError(f"unknown trait {unknown[0]!r}; use O, C, E, A, N")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_stages(self) -> "PersonaConfig":
+        seen: set[str] = set()
+        for index, stage in enumerate(self.stages):
+            if stage.id in seen:
+                raise ValueError(f"stage id {stage.id!r} appears twice; give each stage its own id")
+            seen.add(stage.id)
+            if stage.label is None:
+                stage.label = default_label(index)
+        labels = [stage.label for stage in self.stages]
+        if len(set(labels)) != len(labels):
+            raise ValueError("two stages share a label token; give each stage its own `label`")
+        return self
+
+    def stage(self, stage_id: str) -> StageConfig:
+        for stage in self.stages:
+            if stage.id == stage_id:
+                return stage
+        known = ", ".join(s.id for s in self.stages)
+        raise UserError(f"persona {self.id!r} has no stage {stage_id!r}; use one of: {known}")
+
+    def stage_index(self, stage_id: str) -> int:
+        return [s.id for s in self.stages].index(self.stage(stage_id).id)
+
+
+# --------------------------------------------------------------------------- project file
+
+
+class EmbedderConfig(Section):
+    model: str = Field(
+        "bundled:minilm",
+        description="sentence-transformers folder or hub id; 'bundled:minilm' = all-MiniLM-L6-v2, offline.",
+    )
+    batch_size: int = Field(64, ge=1, description="Chunks encoded per batch.")
+    device: str = Field("cpu", description="Device for the encoder: cpu, cuda, mps.")
+
+
+class CorpusConfig(Section):
+    max_words: int = Field(
+        200, ge=10, description="Paragraphs longer than this are split at sentence boundaries."
+    )
+
+
+class RetrievalConfig(Section):
+    knowledge_words: int = Field(1500, ge=0, description="Word budget of the knowledge context.")
+    style_words: int = Field(500, ge=0, description="Word budget of the style context.")
+
+
+class ProjectConfig(Section):
+    project: str = Field(description="Project name; the run folder defaults to runs/<project>.", min_length=1)
+    run_dir: str | None = Field(None, description="Run folder, relative to this file; default runs/<project>.")
+    personas: list[str] = Field(description="Persona files (paths or globs), relative to this file.", min_length=1)
+    seed: int = Field(42, description="Seed for sampling, splits and training.")
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig, description="Sentence encoder.")
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig, description="Corpus chunking.")
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig, description="Context budgets.")
+    annotator: LLMConfig = Field(default_factory=LLMConfig, description="The LLM that writes the dialogues.")
+    annotate: AnnotateConfig = Field(default_factory=AnnotateConfig, description="Annotation counts and parsing.")
+    curate: CurateConfig = Field(default_factory=CurateConfig, description="Filters, split and data mixing.")
+    pairs: PairsConfig = Field(default_factory=PairsConfig, description="Automated preference pairs.")
+    base_model: LLMConfig = Field(default_factory=LLMConfig, description="The model to personify.")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="Supervised fine-tuning.")
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="Direct preference optimisation.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation against baselines.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="Chat and the HTTP server.")
+
+
+@dataclass
+class Project:
+    """A loaded project: its validated config, its personas and where things live."""
+
+    config: ProjectConfig
+    config_path: Path
+    personas: dict[str, PersonaConfig]
+    persona_paths: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def root(self) -> Path:
+        return self.config_path.parent
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / (self.config.run_dir or f"runs/{self.config.project}")
+
+    def persona(self, persona_id: str) -> PersonaConfig:
+        if persona_id not in self.personas:
+            known = ", ".join(self.personas)
+            raise UserError(f"{self.config_path}: no persona {persona_id!r}; use one of: {known}")
+        return self.personas[persona_id]
+
+    def stage_files(self, persona_id: str, stage_id: str, kind: str) -> list[Path]:
+        """The corpus files of one stage's ``kind`` ('knowledge' or 'style'), sorted."""
+        persona = self.persona(persona_id)
+        stage = persona.stage(stage_id)
+        base = self.persona_paths[persona_id].parent
+        return expand_globs(getattr(stage, kind), base)
+
+    def resolved(self) -> dict[str, Any]:
+        """The resolved config as plain data, for manifests."""
+        return {
+            "project": self.config.model_dump(mode="json"),
+            "personas": {pid: p.model_dump(mode="json") for pid, p in self.personas.items()},
+        }
+
+
+def expand_globs(patterns: list[str], base: Path) -> list[Path]:
+    files: set[Path] = set()
+    for pattern in patterns:
+        full = pattern if Path(pattern).is_absolute() else str(base / pattern)
+        files.update(Path(p) for p in glob.glob(full, recursive=True) if Path(p).is_file())
+    return sorted(files)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_project(path: str | Path, overrides: dict[str, Any] | None = None) -> Project:
+    """Load and validate ``persllm.yaml`` and every persona it names."""
+    config_path = Path(path)
+    if config_path.is_dir():
+        config_path = config_path / "persllm.yaml"
+    raw = read_yaml(config_path)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            set_dotted(raw, key, value)
+    config = validate(ProjectConfig, raw, config_path)
+    config_path = config_path.resolve()
+
+    personas: dict[str, PersonaConfig] = {}
+    persona_paths: dict[str, Path] = {}
+    for index, pattern in enumerate(config.personas):
+        matches = expand_globs([pattern], config_path.parent)
+        if not matches:
+            raise UserError(
+                f"{config_path}: personas[{index}]: no file matches {pattern!r}; "
+                "fix the path (relative to this file) or create the persona file"
+            )
+        for persona_path in matches:
+            persona = validate(PersonaConfig, read_yaml(persona_path), persona_path)
+            if persona.id in personas:
+                raise UserError(
+                    f"{persona_path}: id: persona id {persona.id!r} is also used by "
+                    f"{persona_paths[persona.id]}; give each persona its own id"
+                )
+            check_stage_files(persona, persona_path)
+            personas[persona.id] = persona
+            persona_paths[persona.id] = persona_path
+    return Project(config=config, config_path=config_path, personas=personas, persona_paths=persona_paths)
+
+
+def check_stage_files(persona: PersonaConfig, persona_path: Path) -> None:
+    """Every glob must be well formed and match something; every stage must have material."""
+    for s_index, stage in enumerate(persona.stages):
+        for kind in ("knowledge", "style"):
+            for g_index, pattern in enumerate(getattr(stage, kind)):
+                where = f"{persona_path}: stages[{s_index}].{kind}[{g_index}]"
+                if pattern.count("[") != pattern.count("]") or "***" in pattern:
+                    raise UserError(f"{where}: {pattern!r} is not a valid glob; check brackets and stars")
+                if not expand_globs([pattern], persona_path.parent):
+                    raise UserError(
+                        f"{where}: {pattern!r} matches no file; fix the pattern (relative to {persona_path.name})"
+                    )
+        if not stage.knowledge and not stage.style:
+            raise UserError(
+                f"{persona_path}: stages[{s_index}] ({stage.id}): no knowledge or style files; "
+                "add at least one glob"
+            )
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise UserError(f"{path}: file not found; check the path (or create a project with `persllm init DIR`)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise UserError(f"{path}{where}: {problem}; fix the YAML syntax") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of keys at the top level; got {type(data).__name__}")
+    return data
+
+
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in nested dicts; string values are parsed as YAML scalars (``3`` -> 3)."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value) if value else value
+        except yaml.YAMLError:
+            pass
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_set_options(options: list[str] | None) -> dict[str, Any]:
+    """``--set key.path=value`` options as a dict; a malformed one is a user error."""
+    result: dict[str, Any] = {}
+    for option in options or []:
+        if "=" not in option:
+            raise UserError(f"--set {option!r}: expected KEY=VALUE, e.g. --set annotate.counts.ordinary=8")
+        key, value = option.split("=", 1)
+        result[key.strip()] = value
+    return result
+
+
+def validate(model: type[M], raw: dict[str, Any], path: Path) -> M:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(explain_validation_error(exc, model, path)) from None
+
+
+def explain_validation_error(exc: ValidationError, model: type[Section], path: Path) -> str:
+    """The first validation error as one line: file, key, problem, fix."""
+    error = exc.errors()[0]
+    loc = error["loc"]
+    key = ".".join(f"[{part}]" if isinstance(part, int) else str(part) for part in loc).replace(".[", "[")
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(model, loc[:-1])
+        hint = f" (allowed here: {', '.join(allowed)})" if allowed else ""
+        return f"{path}: {key}: unknown key; remove it or fix the spelling{hint}"
+    if kind == "missing":
+        return f"{path}: {key}: required key is missing; add it"
+    if kind == "too_short" and loc and loc[-1] == "stages":
+        return f"{path}: stages: a persona needs at least one stage; add one with id, time and globs"
+    if kind == "too_short":
+        return f"{path}: {key}: must not be empty; add at least one entry"
+    given = error.get("input")
+    shown = json.dumps(given, default=str)[:60] if not isinstance(given, dict) else "a mapping"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{path}: {key}: {message} (got {shown}); fix the value"
+
+
+def _allowed_keys(model: type[Section], loc: tuple[Any, ...]) -> list[str]:
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        annotation = fields[part].annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, Section)), None)
+        if current is None:
+            return []
+    fields = getattr(current, "model_fields", {})
+    return sorted(fields)
