@@ -4,6 +4,7 @@ Precedence is defaults < YAML < CLI overrides (dotted keys such as ``annotate.co
 Every user mistake becomes a ``UserError`` naming the file, the key and the fix.
 """
 
+import contextlib
 import glob
 import json
 from dataclasses import dataclass, field
@@ -11,13 +12,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator
 
 from persllm.annotate.config import AnnotateConfig
 from persllm.curate.config import CurateConfig
 from persllm.errors import UserError
 from persllm.evaluate.config import EvalConfig
-from persllm.interact.config import ServeConfig
+from persllm.interact.config import ConverseConfig, ServeConfig
 from persllm.llm.config import LLMConfig
 from persllm.pairs.config import PairsConfig
 from persllm.schema import Section
@@ -40,13 +41,19 @@ def default_label(index: int) -> str:
 
 class StageConfig(Section):
     id: str = Field(description="Stage id, unique within the persona, e.g. '1852-1860'.", min_length=1)
-    time: str = Field(description="Time phrase the model is told, e.g. 'It is 1858, in Springfield, Illinois.'")
-    label: str | None = Field(None, description="Stage label token; default <TIME-I>, <TIME-II>, ... in order.")
+    time: str = Field(
+        description="Time phrase the model is told, e.g. 'It is 1858, in Springfield, Illinois.'"
+    )
+    label: str | None = Field(
+        None, description="Stage label token; default <TIME-I>, <TIME-II>, ... in order."
+    )
     knowledge: list[str] = Field(
-        default_factory=list, description="Globs of objective material (biography, facts), relative to this file."
+        default_factory=list,
+        description="Globs of objective material (biography, facts), relative to this file.",
     )
     style: list[str] = Field(
-        default_factory=list, description="Globs of the person's own words (speeches, letters), relative to this file."
+        default_factory=list,
+        description="Globs of the person's own words (speeches, letters), relative to this file.",
     )
     inherits: bool = Field(False, description="Also retrieve from all earlier stages' material.")
 
@@ -59,7 +66,9 @@ class StageConfig(Section):
 
 
 class PersonaConfig(Section):
-    id: str = Field(description="Persona id used in file names and model names, e.g. 'lincoln'.", min_length=1)
+    id: str = Field(
+        description="Persona id used in file names and model names, e.g. 'lincoln'.", min_length=1
+    )
     name: str = Field(description="Display name, e.g. 'Abraham Lincoln'.")
     profile: str = Field("", description="Short profile: who this is, temperament, what they care about.")
     language: str = Field("en", description="Language of the material and of the dialogues.")
@@ -84,19 +93,21 @@ class PersonaConfig(Section):
                 raise ValueError(f"unknown trait {unknown[0]!r}; use O, C, E, A, N")
         return value
 
-    @model_validator(mode="after")
-    def _unique_stages(self) -> "PersonaConfig":
+    @field_validator("stages")
+    @classmethod
+    def _unique_stages(cls, stages: list[StageConfig]) -> list[StageConfig]:
+        # A field validator (not a model one) so the error is reported at the `stages` key.
         seen: set[str] = set()
-        for index, stage in enumerate(self.stages):
+        for index, stage in enumerate(stages):
             if stage.id in seen:
                 raise ValueError(f"stage id {stage.id!r} appears twice; give each stage its own id")
             seen.add(stage.id)
             if stage.label is None:
                 stage.label = default_label(index)
-        labels = [stage.label for stage in self.stages]
+        labels = [stage.label for stage in stages]
         if len(set(labels)) != len(labels):
             raise ValueError("two stages share a label token; give each stage its own `label`")
-        return self
+        return stages
 
     def stage(self, stage_id: str) -> StageConfig:
         for stage in self.stages:
@@ -123,7 +134,7 @@ class EmbedderConfig(Section):
 
 class CorpusConfig(Section):
     max_words: int = Field(
-        200, ge=10, description="Paragraphs longer than this are split at sentence boundaries."
+        150, ge=10, description="Paragraphs longer than this are split at sentence boundaries."
     )
 
 
@@ -134,14 +145,20 @@ class RetrievalConfig(Section):
 
 class ProjectConfig(Section):
     project: str = Field(description="Project name; the run folder defaults to runs/<project>.", min_length=1)
-    run_dir: str | None = Field(None, description="Run folder, relative to this file; default runs/<project>.")
-    personas: list[str] = Field(description="Persona files (paths or globs), relative to this file.", min_length=1)
+    run_dir: str | None = Field(
+        None, description="Run folder, relative to this file; default runs/<project>."
+    )
+    personas: list[str] = Field(
+        description="Persona files (paths or globs), relative to this file.", min_length=1
+    )
     seed: int = Field(42, description="Seed for sampling, splits and training.")
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig, description="Sentence encoder.")
     corpus: CorpusConfig = Field(default_factory=CorpusConfig, description="Corpus chunking.")
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig, description="Context budgets.")
     annotator: LLMConfig = Field(default_factory=LLMConfig, description="The LLM that writes the dialogues.")
-    annotate: AnnotateConfig = Field(default_factory=AnnotateConfig, description="Annotation counts and parsing.")
+    annotate: AnnotateConfig = Field(
+        default_factory=AnnotateConfig, description="Annotation counts and parsing."
+    )
     curate: CurateConfig = Field(default_factory=CurateConfig, description="Filters, split and data mixing.")
     pairs: PairsConfig = Field(default_factory=PairsConfig, description="Automated preference pairs.")
     base_model: LLMConfig = Field(default_factory=LLMConfig, description="The model to personify.")
@@ -149,6 +166,10 @@ class ProjectConfig(Section):
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="Direct preference optimisation.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation against baselines.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Chat and the HTTP server.")
+    converse: ConverseConfig = Field(
+        default_factory=ConverseConfig,
+        description="Multi-agent conversations: named agents, judge, sampling.",
+    )
 
 
 @dataclass
@@ -244,7 +265,8 @@ def check_stage_files(persona: PersonaConfig, persona_path: Path) -> None:
                     raise UserError(f"{where}: {pattern!r} is not a valid glob; check brackets and stars")
                 if not expand_globs([pattern], persona_path.parent):
                     raise UserError(
-                        f"{where}: {pattern!r} matches no file; fix the pattern (relative to {persona_path.name})"
+                        f"{where}: {pattern!r} matches no file; "
+                        f"fix the pattern (relative to {persona_path.name})"
                     )
         if not stage.knowledge and not stage.style:
             raise UserError(
@@ -255,7 +277,9 @@ def check_stage_files(persona: PersonaConfig, persona_path: Path) -> None:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.exists():
-        raise UserError(f"{path}: file not found; check the path (or create a project with `persllm init DIR`)")
+        raise UserError(
+            f"{path}: file not found; check the path (or create a project with `persllm init DIR`)"
+        )
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -275,10 +299,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``a.b.c`` in nested dicts; string values are parsed as YAML scalars (``3`` -> 3)."""
     if isinstance(value, str):
-        try:
+        with contextlib.suppress(yaml.YAMLError):
             value = yaml.safe_load(value) if value else value
-        except yaml.YAMLError:
-            pass
     node = raw
     parts = dotted.split(".")
     for part in parts[:-1]:
@@ -324,10 +346,13 @@ def explain_validation_error(exc: ValidationError, model: type[Section], path: P
         return f"{path}: stages: a persona needs at least one stage; add one with id, time and globs"
     if kind == "too_short":
         return f"{path}: {key}: must not be empty; add at least one entry"
+    where = f"{path}: {key}" if key else str(path)
+    message = error["msg"].removeprefix("Value error, ")
+    if kind == "value_error" and "; " in message:  # our own validators already say what to fix
+        return f"{where}: {message}"
     given = error.get("input")
     shown = json.dumps(given, default=str)[:60] if not isinstance(given, dict) else "a mapping"
-    message = error["msg"].removeprefix("Value error, ")
-    return f"{path}: {key}: {message} (got {shown}); fix the value"
+    return f"{where}: {message} (got {shown}); fix the value"
 
 
 def _allowed_keys(model: type[Section], loc: tuple[Any, ...]) -> list[str]:

@@ -10,7 +10,6 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import click
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
@@ -81,9 +80,9 @@ def configuration_markdown() -> str:
     return "\n".join(lines)
 
 
-def _walk(command: click.Command, path: list[str]) -> list[tuple[list[str], click.Command]]:
+def _walk(command: Any, path: list[str]) -> list[tuple[list[str], Any]]:
     found = [(path, command)]
-    if isinstance(command, click.Group):
+    if hasattr(command, "commands"):
         for name in sorted(command.commands):
             found += _walk(command.commands[name], [*path, name])
     return found
@@ -98,7 +97,7 @@ def cli_markdown() -> str:
     root = typer.main.get_command(app)
     lines = ["# CLI reference", "", "Generated from `--help` by `python -m persllm.docgen`; do not edit.", ""]
     for path, command in _walk(root, ["persllm"]):
-        context = click.Context(command, info_name=" ".join(path), terminal_width=100, max_content_width=100)
+        context = command.context_class(command, info_name=" ".join(path), terminal_width=100, max_content_width=100)
         lines += [f"## `{' '.join(path)}`", "", "```text", command.get_help(context).rstrip(), "```", ""]
     return "\n".join(lines)
 

@@ -32,17 +32,21 @@ def git_revision(start: Path | None = None) -> str | None:
 def load_manifest(run_dir: Path) -> dict[str, Any]:
     path = run_dir / MANIFEST
     if not path.exists():
-        return {"stages": {}}
+        return {"stages": {}, "pipeline": {}}
     data = json.loads(path.read_text(encoding="utf-8"))
     data.setdefault("stages", {})
+    data.setdefault("pipeline", {})
     return data
 
 
-def write_manifest(project: Project, stages: dict[str, Any] | None = None) -> Path:
-    """Refresh the config/version part of the manifest, keeping (or replacing) the stage records."""
+def write_manifest(project: Project) -> Path:
+    """Refresh the config/version part of the manifest, keeping the stage records."""
+    return _write(project, load_manifest(project.run_dir))
+
+
+def _write(project: Project, manifest: dict[str, Any]) -> Path:
     run_dir = project.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    manifest = load_manifest(run_dir)
     manifest.update(
         {
             "persllm_version": __version__,
@@ -51,8 +55,6 @@ def write_manifest(project: Project, stages: dict[str, Any] | None = None) -> Pa
             "config": project.resolved(),
         }
     )
-    if stages is not None:
-        manifest["stages"] = stages
     path = run_dir / MANIFEST
     tmp = path.with_name(MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
@@ -60,11 +62,17 @@ def write_manifest(project: Project, stages: dict[str, Any] | None = None) -> Pa
     return path
 
 
-def record_stage(project: Project, stage: str, **info: Any) -> None:
-    """Merge ``info`` (input_hash, status, seconds, counts, ...) into the stage's manifest entry."""
-    stages = load_manifest(project.run_dir)["stages"]
-    entry = stages.get(stage, {})
+def record_stage(project: Project, stage: str, *, section: str = "stages", **info: Any) -> None:
+    """Merge ``info`` into the stage's manifest entry.
+
+    ``section="stages"`` is what each stage says of its own work (counts, status, its own input hash);
+    ``section="pipeline"`` is what ``persllm run`` keeps to decide skips (fingerprint, status), kept
+    apart so a stage's own bookkeeping can never make the pipeline skip an unfinished stage.
+    """
+    manifest = load_manifest(project.run_dir)
+    entries = manifest.setdefault(section, {})
+    entry = entries.get(stage, {})
     entry.update(info)
     entry["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    stages[stage] = entry
-    write_manifest(project, stages)
+    entries[stage] = entry
+    _write(project, manifest)

@@ -1,7 +1,7 @@
 """``persllm run``: every stage in order, skipping those whose inputs and resolved config are unchanged.
 
 A stage's fingerprint is a hash of the config sections it reads and of the files the stages before it
-wrote. The manifest keeps, per stage, the fingerprint of its last complete run; a stage whose
+wrote. The manifest keeps, under ``pipeline``, the fingerprint of each stage's last run and its status; a stage whose
 fingerprint matches and whose status is ``done`` is skipped. A stage that was interrupted (status
 ``running`` with the same fingerprint) is resumed: annotation skips the records it already has,
 training continues from its last checkpoint. A stage whose fingerprint changed starts clean, with its
@@ -103,16 +103,16 @@ STAGES = [
     Stage(
         "pairs",
         ["pairs", "annotator", "retrieval", "embedder", "base_model", "seed"],
-        ["data/*/sft_*.jsonl"],
+        ["data/*/sft_*.jsonl", "annotations/*.jsonl"],
         ["data/*/dpo_train.jsonl"],
         _run_pairs,
     ),
-    Stage("sft", ["sft", "base_model", "seed"], ["data/*/sft_*.jsonl"], ["models/*/sft"], _run_sft),
+    Stage("sft", ["sft", "base_model", "seed"], ["data/*/sft_*.jsonl"], ["models/*/sft", "models/*/checkpoints/sft"], _run_sft),
     Stage(
         "dpo",
         ["dpo", "base_model", "seed"],
         ["data/*/dpo_train.jsonl", "models/*/sft/*.safetensors"],
-        ["models/*/dpo"],
+        ["models/*/dpo", "models/*/checkpoints/dpo"],
         _run_dpo,
     ),
     Stage(
@@ -138,6 +138,10 @@ def fingerprint(project: Project, stage: Stage) -> str:
         if path.is_file()
     }
     persona_inputs: dict[str, Any] = {}
+    general = project.config.curate.general_data
+    if stage.name == "curate" and general:
+        general_path = project.root / general
+        persona_inputs["general_data"] = file_hash(general_path) if general_path.exists() else None
     if stage.name == "index":
         for pid in project.personas:
             for st in project.personas[pid].stages:
@@ -189,25 +193,31 @@ def run(
     write_manifest(project)
     results: list[StageResult] = []
     for stage in select(start, stop):
-        recorded = load_manifest(project.run_dir)["stages"].get(stage.name, {})
+        recorded = load_manifest(project.run_dir)["pipeline"].get(stage.name, {})
         current = fingerprint(project, stage)
         forced = stage.name == start
-        if not forced and recorded.get("input_hash") == current and recorded.get("status") == "done":
+        if not forced and recorded.get("fingerprint") == current and recorded.get("status") == "done":
             results.append(StageResult(stage.name, "skipped", 0.0, recorded.get("counts", {})))
             if on_stage:
                 on_stage(stage.name, "skipped")
             continue
-        resume = not forced and recorded.get("input_hash") == current and recorded.get("status") == "running"
-        if not resume and recorded.get("input_hash"):
-            move_aside(project, stage, recorded["input_hash"])
+        resume = not forced and recorded.get("fingerprint") == current and recorded.get("status") != "done"
+        if not resume and recorded.get("fingerprint"):
+            move_aside(project, stage, recorded["fingerprint"])
         if on_stage:
             on_stage(stage.name, "resuming" if resume else "running")
-        record_stage(project, stage.name, input_hash=current, status="running")
+        record_stage(project, stage.name, section="pipeline", fingerprint=current, status="running")
         began = time.perf_counter()
         counts = stage.run(project, resume)
         seconds = round(time.perf_counter() - began, 2)
         record_stage(
-            project, stage.name, input_hash=current, status="done", seconds=seconds, counts=_jsonable(counts)
+            project,
+            stage.name,
+            section="pipeline",
+            fingerprint=current,
+            status="done",
+            seconds=seconds,
+            counts=_jsonable(counts),
         )
         results.append(StageResult(stage.name, "resumed" if resume else "ran", seconds, counts))
     return results

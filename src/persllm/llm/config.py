@@ -17,13 +17,19 @@ class LLMConfig(Section):
         description="Model: a local folder, a hub id, a .gguf file, 'bundled:smollm2', or the served model name.",
     )
     adapter: str | None = Field(None, description="Optional LoRA adapter folder (transformers backend).")
-    base_url: str | None = Field(None, description="Endpoint base URL for 'openai', e.g. http://127.0.0.1:8000/v1.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key ('openai').")
+    base_url: str | None = Field(
+        None, description="Endpoint base URL for 'openai', e.g. http://127.0.0.1:8000/v1."
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="Environment variable holding the API key ('openai')."
+    )
     params: dict[str, Any] = Field(
         default_factory=lambda: {"temperature": 0.7, "max_tokens": 384},
         description="Sampling parameters in OpenAI names: temperature, top_p, max_tokens, seed, stop.",
     )
-    concurrency: int = Field(4, ge=1, description="Requests in flight at once ('openai') or batch size (local).")
+    concurrency: int = Field(
+        4, ge=1, description="Requests in flight at once ('openai') or batch size (local)."
+    )
     timeout: float = Field(120.0, gt=0, description="Seconds before one request is abandoned and retried.")
     max_retries: int = Field(5, ge=0, description="Retries on 429, 5xx, timeouts and connection errors.")
     structured_output: Literal["auto", "json_schema", "off"] = Field(

@@ -1,0 +1,298 @@
+"""``persllm annotate``: plan the dialogues, skip finished ones, annotate the rest concurrently, append each.
+
+Records go to ``annotations/<persona>.jsonl`` one durable line at a time, keyed by stable item ids:
+interrupting a run (Ctrl-C, kill -9) loses at most the dialogues in flight, and a re-run writes
+exactly the missing ones. Every call goes through ``cache.sqlite``, so a repeated run costs no calls.
+"""
+
+import asyncio
+import fcntl
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from persllm.annotate import prompts
+from persllm.annotate.engine import Annotator, Stats, attempt_modes
+from persllm.annotate.plan import KINDS, Item, plan_items
+from persllm.config import Project
+from persllm.errors import UserError
+from persllm.hashing import stable_hash
+from persllm.index.retrieve import Retriever
+from persllm.jsonl import JsonlAppender, read_jsonl
+from persllm.llm.base import LLMError
+from persllm.manifest import record_stage
+
+# Abort (re-raising the error) when this many dialogues in a row failed on model errors: the
+# server is down or misconfigured, and every further item would only wait through its retries.
+MAX_CONSECUTIVE_ERRORS = 8
+DRY_RUN_USER = "[the generated user message goes here]"
+
+
+def run(
+    project: Project,
+    personas: list[str] | None = None,
+    stages: list[str] | None = None,
+    limit: int | None = None,
+    concurrency: int | None = None,
+    dry_run: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Annotate the planned dialogues of ``personas`` x ``stages`` (default: all) that are not done yet.
+
+    Args:
+        limit: annotate only the first ``limit`` items of the (interleaved) plan.
+        concurrency: dialogues in flight at once (default ``annotator.concurrency``).
+        dry_run: build the prompts of the first item with real retrieved context; call no model.
+
+    Returns:
+        Counts: ``planned``, ``done`` (written now), ``skipped`` (written before), ``failed`` per kind
+        (malformed after every attempt), ``errors`` (model errors), calls, cached calls, tokens, seconds.
+    """
+    started = time.perf_counter()
+    cfg = project.config
+    persona_ids = list(personas or project.personas)
+    selected = select_stages(project, persona_ids, stages)
+    retriever = Retriever(project)
+
+    # Plan every item deterministically; a limit takes the first ones.
+    plan = plan_items(project, lambda p, s: retriever.chunks(p, s), persona_ids, selected)
+    items = plan[:limit] if limit is not None else plan
+    if dry_run:
+        return dry_run_prompts(project, retriever, items)
+
+    # Skip what earlier runs wrote.
+    folder = project.run_dir / "annotations"
+    written = {pid: existing_ids(folder / f"{pid}.jsonl") for pid in persona_ids}
+    todo = [item for item in items if item.id not in written[item.persona]]
+    size = concurrency or cfg.annotator.concurrency
+    summary: dict[str, Any] = {"planned": len(items), "skipped": len(items) - len(todo)}
+    tally = Tally()
+    annotator = make_annotator(project, retriever, size) if todo else None
+
+    # Annotate concurrently, appending each record the moment it is complete.
+    status = "interrupted"
+    try:
+        if annotator is not None:
+            annotator.modes()  # an impossible output setting fails before any call
+            with exclusive(folder):
+                asyncio.run(annotate_all(annotator, todo, folder, size, tally, progress))
+        status = "finished"
+    finally:
+        # Record the stage in the manifest, whatever happened.
+        written = {pid: existing_ids(folder / f"{pid}.jsonl") for pid in persona_ids}
+        if status == "finished":
+            status = "done" if all(item.id in written[item.persona] for item in plan) else "partial"
+        summary.update(tally.counts(annotator), seconds=round(time.perf_counter() - started, 3))
+        record_stage(
+            project,
+            "annotate",
+            status=status,
+            input_hash=input_hash(project, persona_ids),
+            personas=persona_ids,
+            **{
+                key: summary[key]
+                for key in ("planned", "done", "skipped", "failed", "errors", "calls", "seconds")
+            },
+            records={pid: len(ids) for pid, ids in written.items()},
+        )
+    summary["status"] = status
+    summary["items_per_second"] = round(summary["done"] / max(summary["seconds"], 1e-9), 3)
+    return summary
+
+
+@dataclass
+class Tally:
+    """Items written, and items that failed: malformed after every attempt (per kind) or a model error."""
+
+    done: int = 0
+    failed: Counter[str] = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+
+    def counts(self, annotator: Annotator | None) -> dict[str, Any]:
+        stats = annotator.stats if annotator is not None else Stats()
+        return {
+            "done": self.done,
+            "failed": {kind: self.failed[kind] for kind in KINDS},
+            "errors": len(self.errors),
+            "first_error": self.errors[0] if self.errors else None,
+            "calls": stats.calls,
+            "cached_calls": stats.cached,
+            "tokens": {"prompt": stats.prompt_tokens, "completion": stats.completion_tokens},
+            "malformed": dict(stats.malformed),
+            "follow_ups_dropped": stats.follow_ups_dropped,
+        }
+
+
+async def annotate_all(
+    annotator: Annotator,
+    items: list[Item],
+    folder: Path,
+    concurrency: int,
+    tally: Tally,
+    progress: bool,
+) -> None:
+    """Run ``items``, ``concurrency`` at a time, appending each record as it is complete."""
+    from tqdm.auto import tqdm
+
+    slots = asyncio.Semaphore(concurrency)
+    appenders = {
+        persona: JsonlAppender(folder / f"{persona}.jsonl") for persona in {i.persona for i in items}
+    }
+    # One writer thread: each fsync'd append leaves the event loop free, and lines never interleave.
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="annotate-writer")
+    loop = asyncio.get_running_loop()
+    in_a_row = 0
+    bar = tqdm(total=len(items), unit="item", desc="annotate", disable=not progress, dynamic_ncols=True)
+
+    async def one(item: Item) -> None:
+        nonlocal in_a_row
+        async with slots:
+            try:
+                record = await annotator.dialogue(item)
+                in_a_row = 0
+            except LLMError as exc:
+                tally.errors.append(str(exc))
+                in_a_row += 1
+                if in_a_row >= MAX_CONSECUTIVE_ERRORS:
+                    raise
+                bar.update(1)
+                return
+        if record is not None:
+            await loop.run_in_executor(writer, appenders[item.persona].append, record)
+            tally.done += 1
+        else:
+            tally.failed[item.kind] += 1
+        stats = annotator.stats
+        failed, errors = sum(tally.failed.values()), len(tally.errors)
+        bar.set_postfix(tokens=stats.tokens, cached=stats.cached, failed=failed, errors=errors, refresh=False)
+        bar.update(1)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for item in items:
+                group.create_task(one(item))
+    except BaseExceptionGroup as failure:
+        raise failure.exceptions[0] from None  # the error that stopped the run, not the group wrapper
+    finally:
+        bar.close()
+        writer.shutdown(wait=True)  # a record being written is finished before its file closes
+        for appender in appenders.values():
+            appender.close()
+        await annotator.backend.aclose()
+
+
+def make_annotator(project: Project, retriever: Retriever, concurrency: int) -> Annotator:
+    """The annotator over the project's call cache, allowing ``concurrency`` requests in flight."""
+    from persllm.llm import make_backend
+    from persllm.llm.cache import open_cache
+
+    llm_cfg = project.config.annotator.model_copy(update={"concurrency": concurrency})
+    backend = make_backend(llm_cfg, open_cache(project))
+    return Annotator(project, backend, retriever)
+
+
+def select_stages(project: Project, persona_ids: list[str], stages: list[str] | None) -> dict[str, list[str]]:
+    """persona -> stage ids to annotate; a named stage no selected persona has is a user error."""
+    selected: dict[str, list[str]] = {}
+    for pid in persona_ids:
+        own = [stage.id for stage in project.persona(pid).stages]
+        selected[pid] = [s for s in own if stages is None or s in stages]
+    for stage_id in stages or []:
+        if not any(stage_id in ids for ids in selected.values()):
+            known = sorted({s.id for pid in persona_ids for s in project.persona(pid).stages})
+            raise UserError(
+                f"--stage {stage_id!r}: no selected persona has that stage; use one of: {', '.join(known)}"
+            )
+    return selected
+
+
+def existing_ids(path: Path) -> set[str]:
+    return {str(row.get("id")) for row in read_jsonl(path)}
+
+
+def input_hash(project: Project, persona_ids: list[str]) -> str:
+    """What the annotations depend on: settings, seed, personas and the index fingerprints."""
+    index = {}
+    for pid in persona_ids:
+        for stage in project.persona(pid).stages:
+            meta = project.run_dir / "index" / pid / stage.id / "meta.json"
+            index[f"{pid}/{stage.id}"] = (
+                json.loads(meta.read_text())["fingerprint"] if meta.exists() else None
+            )
+    cfg = project.config
+    return stable_hash(
+        {
+            "annotate": cfg.annotate.model_dump(mode="json"),
+            "annotator": cfg.annotator.model_dump(
+                mode="json", exclude={"concurrency", "timeout", "max_retries"}
+            ),
+            "seed": cfg.seed,
+            "personas": {pid: project.persona(pid).model_dump(mode="json") for pid in persona_ids},
+            "index": index,
+        }
+    )
+
+
+@contextmanager
+def exclusive(folder: Path) -> Iterator[None]:
+    """Hold ``annotations/.lock``: two runs appending to the same files would write items twice."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / ".lock").open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"{folder}: another `persllm annotate` is writing here; wait for it to finish or stop it"
+            ) from None
+        yield
+
+
+def dry_run_prompts(project: Project, retriever: Retriever, items: list[Item]) -> dict[str, Any]:
+    """The exact prompts of the first item, with real retrieved context; no model is called."""
+    if not items:
+        raise UserError(f"{project.config_path}: annotate.counts: nothing to annotate; raise a count above 0")
+    item = items[0]
+    cfg = project.config
+    persona = project.persona(item.persona)
+    stage = persona.stage(item.stage)
+    json_ok = cfg.annotator.backend == "openai" and cfg.annotator.structured_output != "off"
+    mode = attempt_modes(cfg.annotate.output, 1, json_ok)[0]
+    turns = [{"role": "user", "content": DRY_RUN_USER}]
+    context = retriever.retrieve(item.persona, item.stage, item.seed.text, item.seed)
+    knowledge, style = context.knowledge_text(), context.style_text()
+    messages: dict[str, list[dict[str, str]]] = {
+        "user_input": prompts.build_user_input_messages(
+            persona, stage, item.kind, item.seed.text, item.stance
+        )
+    }
+    if mode == "two_step":
+        messages["analysis"] = prompts.build_analysis_messages(persona, stage, turns, knowledge)
+        notes = "[the generated analysis goes here]"
+        messages["response"] = prompts.build_response_messages(persona, stage, turns, knowledge, style, notes)
+    else:
+        messages["reply"] = prompts.build_reply_messages(persona, stage, turns, knowledge, style, mode)
+    return {
+        "dry_run": True,
+        "item": {
+            "id": item.id,
+            "persona": item.persona,
+            "stage": item.stage,
+            "kind": item.kind,
+            "seed": item.seed.ref,
+            "stance": item.stance,
+            "follow_ups": item.follow_ups,
+        },
+        "output": mode,
+        "params": {
+            **cfg.annotator.params,
+            **({"response_format": prompts.REPLY_FORMAT} if mode == "json" else {}),
+        },
+        "messages": messages,
+        "planned": len(items),
+    }

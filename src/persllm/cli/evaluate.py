@@ -1,0 +1,67 @@
+"""``persllm eval`` and ``persllm report``: compare systems on the held-out split, and rebuild the report."""
+
+from typing import Annotated
+
+import typer
+
+from persllm.cli.app import ConfigArg, SetOption, app, load
+
+
+@app.command("eval")
+def eval_command(
+    config: ConfigArg,
+    systems: Annotated[
+        str | None,
+        typer.Option(
+            "--systems", help="Comma-separated systems: prompt, rag, sft, sft+dpo, extra system names."
+        ),
+    ] = None,
+    judge: Annotated[
+        str | None,
+        typer.Option(
+            "--judge", help="Judge model: a local model, an endpoint URL, or MODEL@URL (default eval.judge)."
+        ),
+    ] = None,
+    max_items: Annotated[
+        int | None,
+        typer.Option("--max-items", min=1, help="Held-out items per persona x stage (default all)."),
+    ] = None,
+    set_options: SetOption = None,
+) -> None:
+    """Answer the held-out questions with every system, score them, and write eval/report.html.
+
+    Systems whose models are missing are skipped with a note. Every call is cached, so a re-run only
+    generates what is new.
+
+    Example: persllm eval examples/demo/persllm.yaml --systems prompt,sft --max-items 5
+    """
+    from persllm import evaluate
+
+    project = load(config, set_options)
+    names = [name.strip() for name in systems.split(",") if name.strip()] if systems else None
+    result = evaluate.run(project, systems=names, judge=judge, max_items=max_items)
+    for name, reason in result["settings"]["skipped"].items():
+        typer.echo(f"skipped {name}: {reason}", err=True)
+    for name, data in result["systems"].items():
+        overall = data["overall"]
+        shown = ", ".join(
+            f"{key} {value:.3f}"
+            for key, value in overall.items()
+            if isinstance(value, float) and key != "completion_tokens"
+        )
+        typer.echo(f"{name}: {shown}")
+    typer.echo(f"report: {project.run_dir / 'eval' / 'report.html'}")
+
+
+@app.command("report")
+def report_command(config: ConfigArg, set_options: SetOption = None) -> None:
+    """Rebuild eval/report.md and eval/report.html from the last evaluation's metrics and generations.
+
+    Example: persllm report examples/demo/persllm.yaml
+    """
+    from persllm.evaluate import report
+
+    project = load(config, set_options)
+    paths = report.run(project)
+    for path in paths.values():
+        typer.echo(str(path))

@@ -1,0 +1,145 @@
+"""Project commands: ``persllm init`` (a starter project), ``persllm index`` and ``persllm retrieve``."""
+
+import json
+import shlex
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from persllm.cli.app import ConfigArg, SetOption, app, load
+from persllm.errors import UserError
+
+SCAFFOLD = Path(__file__).resolve().parent.parent / "scaffold"
+
+
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(help="Folder for the new project (created if missing).")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Write into a non-empty folder, overwriting same-named files.")
+    ] = False,
+) -> None:
+    """Create a starter project: persllm.yaml, one persona with two stages, and its corpus.
+
+    Example: persllm init my-persona
+    """
+    from persllm.config import load_project
+
+    if not (SCAFFOLD / "persllm.yaml").is_file():
+        raise UserError(
+            f"{SCAFFOLD}: the starter project is missing from the installed package; reinstall persllm"
+        )
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{directory}: exists and is not a folder; choose another path")
+    if directory.is_dir() and any(directory.iterdir()) and not force:
+        raise UserError(
+            f"{directory}: folder is not empty; choose a new folder, or pass --force to write the "
+            "starter files into it (same-named files are overwritten)"
+        )
+    shutil.copytree(
+        SCAFFOLD, directory, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "runs")
+    )
+    config = directory / "persllm.yaml"
+    project = load_project(config)
+    persona = next(iter(project.personas.values()))
+    stages = ", ".join(stage.id for stage in persona.stages)
+    where = shlex.quote(str(config))
+    typer.echo(f"Created a persllm project in {directory}: persona {persona.id!r}, stages {stages}.")
+    typer.echo("Put your person's material under corpus/ and describe them in personas/, then:")
+    typer.echo(f"  persllm index {where}")
+    typer.echo(
+        f"  persllm retrieve {where} {shlex.quote('What keeps you awake at night?')} "
+        f"--persona {persona.id} --stage {persona.stages[0].id}"
+    )
+    typer.echo(f"  persllm run {where}")
+
+
+@app.command()
+def index(
+    config: ConfigArg,
+    persona: Annotated[
+        list[str] | None, typer.Option("--persona", "-p", help="Index only this persona (repeatable).")
+    ] = None,
+    set_options: SetOption = None,
+) -> None:
+    """Chunk every persona stage's corpus and embed it; unchanged paragraphs are never embedded twice.
+
+    Example: persllm index my-persona/persllm.yaml --persona wren
+    """
+    from persllm.index import run
+
+    project = load(config, set_options)
+    result = run(project, personas=persona or None, progress=sys.stderr.isatty())
+    columns = ["persona", "stage", "chunks", "knowledge", "style", "embedded", "reused"]
+    totals = {key: sum(row[key] for row in result["stages"]) for key in columns[2:]}
+    rows = [*result["stages"], {"persona": "total", "stage": "", **totals}]
+    typer.echo(table(columns, rows))
+    typer.echo(
+        f"index written to {project.run_dir / 'index'} "
+        f"({result['embedded']} chunks embedded, {result['reused']} reused, {result['seconds']:.1f} s)"
+    )
+
+
+@app.command()
+def retrieve(
+    config: ConfigArg,
+    query: Annotated[str, typer.Argument(help="What to retrieve context for (e.g. a user question).")],
+    stage: Annotated[str, typer.Option("--stage", "-s", help="Stage id of the persona.")],
+    persona: Annotated[
+        str | None, typer.Option("--persona", "-p", help="Persona id (may be left out when there is one).")
+    ] = None,
+    seed: Annotated[
+        str | None, typer.Option("--seed", help="A chunk (file:line ref or id) to put first in its context.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the contexts as JSON.")] = False,
+    set_options: SetOption = None,
+) -> None:
+    """Show the knowledge and style contexts retrieved for a query, within the word budgets.
+
+    Example: persllm retrieve my-persona/persllm.yaml "Are you afraid of storms?" -p wren -s keeper
+    """
+    from persllm.index.retrieve import Retriever
+
+    project = load(config, set_options)
+    if persona is None:
+        if len(project.personas) != 1:
+            raise UserError(
+                f"--persona: the project has several personas; use one of: {', '.join(project.personas)}"
+            )
+        persona = next(iter(project.personas))
+    context = Retriever(project).retrieve(persona, stage, query, seed=seed)
+    if as_json:
+        typer.echo(json.dumps(context.to_dict(), indent=2, ensure_ascii=False))
+        return
+    budgets = {
+        "knowledge": project.config.retrieval.knowledge_words,
+        "style": project.config.retrieval.style_words,
+    }
+    for kind in ("knowledge", "style"):
+        pieces = getattr(context, kind)
+        used = sum(piece.words for piece in pieces)
+        typer.echo(f"== {kind}: {len(pieces)} pieces, {used}/{budgets[kind]} words ==")
+        for piece in pieces:
+            marker = "  (seed)" if piece.id == context.seed else ""
+            typer.echo(f"[{piece.ref}]  score {piece.score:.3f}{marker}")
+            typer.echo(textwrap.fill(piece.text, width=100, initial_indent="  ", subsequent_indent="  "))
+        typer.echo("")
+
+
+def table(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    """A plain text table: text columns left-aligned, numbers right-aligned."""
+    cells = [[str(row.get(column, "")) for column in columns] for row in rows]
+    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
+    numeric = [all(isinstance(row.get(column), int) for row in rows) for column in columns]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(
+            value.rjust(width) if is_number else value.ljust(width)
+            for value, width, is_number in zip(values, widths, numeric, strict=True)
+        ).rstrip()
+
+    return "\n".join([line(columns), *(line(values) for values in cells)])

@@ -1,0 +1,141 @@
+"""Curation: annotation records -> validated, deduplicated, split SFT datasets.
+
+``run`` writes ``data/<persona>/sft_train.jsonl``, ``sft_test.jsonl`` and the ``curate`` key of
+``stats.json``. ``system_prompt`` (in ``format``) is the one definition of a persona's system prompt.
+"""
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from persllm.curate.filters import check_record
+from persllm.curate.format import sft_row, system_prompt
+from persllm.curate.split import read_general, split_records, training_mix
+from persllm.curate.stats import CurateCounts, update_stats
+from persllm.errors import UserError
+from persllm.jsonl import read_jsonl, write_jsonl
+
+if TYPE_CHECKING:
+    from persllm.config import PersonaConfig, Project
+
+__all__ = ["annotations_path", "data_dir", "load_annotations", "run", "stage_fingerprint", "system_prompt"]
+
+KIND_ORDER = {"ordinary": 0, "misleading": 1, "opinion": 2}
+TOTALS = ("input", "kept", "train_rows", "test_rows", "general_rows")
+
+
+def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]:
+    """Curate the annotations of ``personas`` (default: all).
+
+    Returns:
+        Totals (``input``, ``kept``, ``train_rows``, ``test_rows``, ``general_rows``) and, under
+        ``personas``, each persona's ``stats.json`` entry.
+    """
+    from persllm.curate.dedup import dedup
+    from persllm.index.encoder import embed
+    from persllm.manifest import record_stage
+
+    cfg = project.config.curate
+    seed = project.config.seed
+    started = time.monotonic()
+    persona_ids = list(dict.fromkeys(personas or project.personas))
+
+    # Inputs: every annotation file and the general data are read and checked before anything is written.
+    general = (
+        read_general(project.root / cfg.general_data) if cfg.general_data and cfg.general_ratio > 0 else []
+    )
+    loaded = {pid: load_annotations(project, pid) for pid in persona_ids}
+
+    summary: dict[str, Any] = {}
+    for persona_id, records in loaded.items():
+        persona = project.persona(persona_id)
+        counts = CurateCounts()
+
+        # Validation: each record is counted under the first check it fails.
+        stage_ids = {stage.id for stage in persona.stages}
+        valid = []
+        for record in records:
+            stage, kind = str(record.get("stage")), str(record.get("kind", "ordinary"))
+            counts.add(stage, kind, "input")
+            reason = check_record(record, cfg, stage_ids)
+            if reason:
+                counts.add(stage, kind, reason)
+            else:
+                valid.append({**record, "persona": persona_id, "kind": kind})
+
+        # Near-duplicate inputs within the persona, across stages: the first in priority order survives.
+        valid.sort(key=lambda r: priority(r, persona))
+        unique = valid
+        if valid:
+            vectors = embed([r["turns"][0]["content"] for r in valid], project.config.embedder)
+            keep = dedup(vectors, cfg.dedup_threshold)
+            unique = [r for r, kept in zip(valid, keep, strict=True) if kept]
+            for record, kept in zip(valid, keep, strict=True):
+                counts.add(record["stage"], record["kind"], "kept" if kept else "duplicate")
+
+        # Split the deduplicated records (stratified by stage and kind), then render and mix.
+        train, test = split_records(unique, cfg.test_fraction, seed)
+        for side, side_records in (("train", train), ("test", test)):
+            for record in side_records:
+                counts.add(record["stage"], record["kind"], side)
+        train_rows, n_general = training_mix(
+            [sft_row(r, persona, cfg.cot) for r in train],
+            cfg.repeat,
+            general,
+            cfg.general_ratio,
+            seed,
+            persona_id,
+        )
+        test_rows = [sft_row(r, persona, cfg.cot) for r in test]
+
+        # Write: data files atomically, then the stats that describe them.
+        out = data_dir(project, persona_id)
+        write_jsonl(out / "sft_train.jsonl", train_rows)
+        write_jsonl(out / "sft_test.jsonl", test_rows)
+        stats = counts.summary(len(train_rows), n_general, len(test_rows))
+        stats.update({"repeat": cfg.repeat, "cot": cfg.cot, "seed": seed})
+        update_stats(out / "stats.json", "curate", stats)
+        summary[persona_id] = stats
+
+    # Manifest: the pipeline's fingerprint, so an unchanged project is not curated again by `persllm run`.
+    totals = {key: sum(stats[key] for stats in summary.values()) for key in TOTALS}
+    complete = set(persona_ids) == set(project.personas)
+    record_stage(
+        project,
+        "curate",
+        status="done" if complete else "partial",
+        input_hash=stage_fingerprint(project, "curate"),
+        seconds=round(time.monotonic() - started, 3),
+        counts=totals,
+    )
+    return {**totals, "personas": summary}
+
+
+def annotations_path(project: "Project", persona_id: str) -> Path:
+    return project.run_dir / "annotations" / f"{persona_id}.jsonl"
+
+
+def data_dir(project: "Project", persona_id: str) -> Path:
+    return project.run_dir / "data" / persona_id
+
+
+def load_annotations(project: "Project", persona_id: str) -> list[dict[str, Any]]:
+    """The annotation records of one persona; a missing file is a UserError saying to annotate first."""
+    project.persona(persona_id)
+    path = annotations_path(project, persona_id)
+    if not path.exists():
+        raise UserError(f"{path}: no annotations for persona {persona_id!r}; run `persllm annotate` first")
+    return read_jsonl(path)
+
+
+def priority(record: dict[str, Any], persona: "PersonaConfig") -> tuple[int, int, str, str]:
+    """Deterministic order deciding which member of a duplicate group is kept: earlier stage, kind, id."""
+    stage_index = [s.id for s in persona.stages].index(record["stage"])
+    return (stage_index, KIND_ORDER.get(record["kind"], len(KIND_ORDER)), record["kind"], record["id"])
+
+
+def stage_fingerprint(project: "Project", name: str) -> str:
+    """The pipeline's fingerprint of stage ``name`` (what ``persllm run`` compares to skip it)."""
+    from persllm.pipeline import STAGES, fingerprint
+
+    return fingerprint(project, next(stage for stage in STAGES if stage.name == name))

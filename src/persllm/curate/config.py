@@ -1,0 +1,35 @@
+"""Settings of the curation stage."""
+
+from typing import Literal
+
+from pydantic import Field
+
+from persllm.schema import Section
+
+
+class CurateConfig(Section):
+    min_response_words: int = Field(5, ge=1, description="Shortest golden response kept.")
+    max_response_words: int = Field(400, ge=1, description="Longest golden response kept.")
+    min_analysis_words: int = Field(3, ge=0, description="Shortest analysis kept.")
+    echo_threshold: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="Drop a response when at least this share of its distinct words echo the user input.",
+    )
+    dedup_threshold: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="Cosine of user-input embeddings at or above which records are duplicates.",
+    )
+    test_fraction: float = Field(0.2, ge=0, lt=1, description="Held-out share per persona x stage x kind.")
+    repeat: int = Field(1, ge=1, description="Times each personified training record is repeated.")
+    general_data: str | None = Field(None, description="Optional JSONL of general `messages` to mix in.")
+    general_ratio: float = Field(
+        0.0, ge=0, description="General records per personified record in the training mix."
+    )
+    cot: Literal["inline", "none"] = Field(
+        "inline",
+        description="inline: the target is <think>analysis</think> then the response; none: response.",
+    )

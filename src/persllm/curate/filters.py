@@ -1,0 +1,88 @@
+"""Record validation: every check is a pure function of one annotation record and the curation settings.
+
+A record fails on the first check it does not pass, in the order of ``CHECKS``, so each removed record is
+counted exactly once and the counts in ``stats.json`` add up.
+"""
+
+import re
+from typing import Any
+
+from persllm.curate.config import CurateConfig
+
+# The order in which records are checked; "duplicate" (dedup) runs afterwards on the survivors.
+CHECKS = ("malformed", "unknown_stage", "empty", "short_response", "long_response", "short_analysis", "echo")
+REMOVALS = (*CHECKS, "duplicate")
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased word tokens (letters and digits, any script)."""
+    return _WORD.findall(text.lower())
+
+
+def word_overlap(a: str, b: str) -> float:
+    """Jaccard overlap of the word sets of ``a`` and ``b``: 1.0 for the same words, 0.0 for none shared."""
+    set_a, set_b = set(words(a)), set(words(b))
+    if not set_a and not set_b:
+        return 1.0
+    return len(set_a & set_b) / len(set_a | set_b)
+
+
+def echo_share(user: str, response: str) -> float:
+    """Share of the response's distinct words that the user input already contains (1.0: pure echo)."""
+    said, answered = set(words(user)), set(words(response))
+    return len(answered & said) / len(answered) if answered else 1.0
+
+
+def exchanges(turns: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(user turn, assistant turn) pairs of a well-formed dialogue: user, assistant, user, assistant, ..."""
+    return [(turns[i], turns[i + 1]) for i in range(0, len(turns) - 1, 2)]
+
+
+def is_well_formed(record: dict[str, Any]) -> bool:
+    """Alternating user/assistant turns with string contents, starting with the user, ending with a reply."""
+    turns = record.get("turns")
+    if not isinstance(turns, list) or len(turns) < 2 or len(turns) % 2:
+        return False
+    if not all(isinstance(key, str) and key for key in (record.get("id"), record.get("stage"))):
+        return False
+    for index, turn in enumerate(turns):
+        role = "user" if index % 2 == 0 else "assistant"
+        if not isinstance(turn, dict) or turn.get("role") != role or not isinstance(turn.get("content"), str):
+            return False
+        if role == "assistant" and not isinstance(turn.get("analysis", ""), str):
+            return False
+    return True
+
+
+def check_record(record: dict[str, Any], cfg: CurateConfig, stages: set[str] | None = None) -> str | None:
+    """The name of the first check ``record`` fails (one of ``CHECKS``), or None if it passes them all.
+
+    ``stages``: the persona's stage ids; a record of a stage since removed from the persona is dropped.
+    """
+    if not is_well_formed(record):
+        return "malformed"
+    if stages is not None and record["stage"] not in stages:
+        return "unknown_stage"
+    pairs = exchanges(record["turns"])
+    for user, reply in pairs:
+        if (
+            not user["content"].strip()
+            or not reply["content"].strip()
+            or not reply.get("analysis", "").strip()
+        ):
+            return "empty"
+    for _, reply in pairs:
+        if len(words(reply["content"])) < cfg.min_response_words:
+            return "short_response"
+    for _, reply in pairs:
+        if len(words(reply["content"])) > cfg.max_response_words:
+            return "long_response"
+    for _, reply in pairs:
+        if len(words(reply["analysis"])) < cfg.min_analysis_words:
+            return "short_analysis"
+    for user, reply in pairs:
+        if echo_share(user["content"], reply["content"]) >= cfg.echo_threshold:
+            return "echo"
+    return None

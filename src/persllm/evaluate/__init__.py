@@ -1,0 +1,168 @@
+"""Evaluation: the held-out split answered by every system, scored, judged, and written up.
+
+``run`` writes ``<run_dir>/eval/``: ``generations.jsonl`` (one row per system x item x sample),
+``metrics.json``, ``report.md``, ``report.html`` and ``plots/``. ``report.run`` rebuilds the report
+from those two files alone. Heavy libraries are imported inside ``run`` so loading a config stays fast.
+"""
+
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from persllm.config import Project
+    from persllm.llm.config import LLMConfig
+
+__all__ = ["run"]
+
+
+def run(
+    project: "Project",
+    systems: list[str] | None = None,
+    judge: "LLMConfig | str | None" = None,
+    max_items: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``systems`` (default ``eval.systems``) on every persona x stage; returns metrics.json's data.
+
+    Args:
+        project: the loaded project.
+        systems: system names (prompt, rag, sft, sft+dpo, extra systems); missing models are skipped.
+        judge: a judge config, model name, URL or ``MODEL@URL`` replacing ``eval.judge``.
+        max_items: held-out items per persona x stage (default ``eval.max_items``, else all).
+    """
+    from persllm.cot import split_inline
+    from persllm.errors import UserError
+    from persllm.evaluate import judge as judging
+    from persllm.evaluate import personality, report, scores
+    from persllm.evaluate.metrics import DEFINITIONS
+    from persllm.evaluate.systems import (
+        Request,
+        close,
+        generate,
+        load_items,
+        messages_for,
+        plan_systems,
+        retrieval_context,
+    )
+    from persllm.index.encoder import embed
+    from persllm.jsonl import write_jsonl
+    from persllm.llm.cache import open_cache
+    from persllm.manifest import record_stage
+
+    cfg = project.config.eval
+    started = time.monotonic()
+    out = project.run_dir / "eval"
+
+    # Inputs: the systems that can run, held-out items, the judge.
+    planned, skipped = plan_systems(project, systems or cfg.systems)
+    items = load_items(project, max_items or cfg.max_items)
+    if not items:
+        raise UserError(
+            f"{project.run_dir / 'data'}: no held-out items (sft_test.jsonl); run `persllm curate` first"
+        )
+    for persona_id in sorted(set(project.personas) - {item.persona for item in items}):
+        skipped[f"persona {persona_id}"] = f"no held-out items in {project.run_dir / 'data' / persona_id}"
+    judge_cfg = judging.resolve_judge(cfg.judge, judge)
+    record_stage(project, "eval", status="running", systems=[s.name for s in planned])
+
+    # Prompts: rag falls back to re-retrieval, and is skipped when there is no index either.
+    context = retrieval_context(project)
+    requests: list[Request] = []
+    for system in list(planned):
+        try:
+            conversations = [messages_for(system, item, context) for item in items]
+        except UserError as exc:
+            skipped[system.name] = str(exc)
+            planned.remove(system)
+            continue
+        for item, messages in zip(items, conversations, strict=True):
+            requests += [
+                Request(system, item.persona, item.stage, messages, k, item.id) for k in range(cfg.samples)
+            ]
+    if not planned:
+        raise UserError(
+            "eval.systems: no system can run (" + "; ".join(f"{k}: {v}" for k, v in skipped.items()) + ")"
+        )
+
+    # Generation, then the questionnaire with the models still loaded; the <think> analysis is split off.
+    cache = open_cache(project)
+    params = dict(cfg.params)
+    backends: dict[str, Any] = {}
+    try:
+        completions = generate(project, requests, params, cache, backends)
+        traits = (
+            personality.interview(project, planned, cache, judge_cfg, skipped, backends)
+            if cfg.questionnaire
+            else {}
+        )
+    finally:
+        close(backends)
+    by_id = {item.id: item for item in items}
+    rows = [
+        row_of(r, by_id[r.item], c, split_inline(c.text)) for r, c in zip(requests, completions, strict=True)
+    ]
+
+    # Judge: agreement, false premises, two-order preference against the baseline.
+    if judge_cfg is not None:
+        personas = {f"{p.id}/{s.id}": (p.name, s.time) for p in project.personas.values() for s in p.stages}
+        baseline = cfg.baseline if any(s.name == cfg.baseline for s in planned) else None
+        if baseline is None:
+            skipped.setdefault("preference", f"baseline {cfg.baseline!r} did not run; no pairwise preference")
+        judging.judge_all(judge_cfg, cache, dict(cfg.judge_params), rows, baseline, personas)
+
+    # Metrics.
+    table = scores.score(project, rows, lambda texts: embed(texts, project.config.embedder))
+
+    # Outputs: generations, metrics, report; the manifest last.
+    result: dict[str, Any] = {
+        "definitions": DEFINITIONS,
+        "settings": {
+            "systems": [s.name for s in planned],
+            "skipped": skipped,
+            "samples": cfg.samples,
+            "params": params,
+            "max_items": max_items or cfg.max_items,
+            "base_model": project.config.base_model.model,
+            "judge": judge_cfg.model if judge_cfg else None,
+            "judge_params": dict(cfg.judge_params) if judge_cfg else None,
+            "baseline": cfg.baseline,
+            "embedder": project.config.embedder.model,
+            "seed": project.config.seed,
+        },
+        "counts": {"items": len(items), "generations": len(rows)},
+        "systems": table,
+        "personality": traits,
+    }
+    write_jsonl(out / "generations.jsonl", rows)
+    report.write_json(out / "metrics.json", result)
+    report.write_report(out, result, rows)
+    record_stage(
+        project,
+        "eval",
+        status="done",
+        seconds=round(time.monotonic() - started, 3),
+        systems=[s.name for s in planned],
+        skipped=skipped,
+        counts=result["counts"],
+    )
+    return result
+
+
+def row_of(request: Any, item: Any, completion: Any, split: tuple[str, str]) -> dict[str, Any]:
+    """One line of ``generations.jsonl``: which system answered which item, and what it wrote."""
+    return {
+        "system": request.system.name,
+        "persona": item.persona,
+        "stage": item.stage,
+        "kind": item.kind,
+        "item": item.id,
+        "sample": request.sample,
+        "question": item.question,
+        "reference": item.reference,
+        "output": completion.text,
+        "analysis": split[0],
+        "response": split[1],
+        "finish_reason": completion.finish_reason,
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+        "cached": completion.cached,
+    }

@@ -1,0 +1,204 @@
+"""The judge: 0-5 agreement with the reference, false-premise detection, and two-order preference.
+
+Prompt building and output parsing are pure functions; ``judge_rows`` makes the calls. Pairwise
+preference is asked twice, with the two answers swapped, and only a choice that survives the swap
+counts (a judge that always says "A" produces ties, not wins).
+"""
+
+import asyncio
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from persllm.llm.base import ChatBackend, Message
+from persllm.llm.config import LLMConfig
+
+PROMPTS = Path(__file__).with_name("prompts")
+
+
+@cache
+def _template(name: str) -> str:
+    return (PROMPTS / f"{name}.txt").read_text(encoding="utf-8")
+
+
+def render(name: str, **values: str) -> str:
+    """Fill the template ``prompts/<name>.txt`` with ``values``."""
+    return _template(name).format(**values).strip()
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def agreement_messages(question: str, reference: str, response: str) -> list[Message]:
+    text = render(
+        "judge_agreement", question=question, reference=reference, response=response or "(no answer)"
+    )
+    return [{"role": "user", "content": text}]
+
+
+def premise_messages(question: str, reference: str, response: str) -> list[Message]:
+    text = render("judge_premise", question=question, reference=reference, response=response or "(no answer)")
+    return [{"role": "user", "content": text}]
+
+
+def preference_messages(
+    persona: str, time: str, question: str, reference: str, first: str, second: str
+) -> list[Message]:
+    text = render(
+        "judge_preference",
+        persona=persona,
+        time=time,
+        question=question,
+        reference=reference,
+        first=first or "(no answer)",
+        second=second or "(no answer)",
+    )
+    return [{"role": "user", "content": text}]
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _grade(label: str, text: str) -> int | None:
+    match = re.search(rf"{label}[^\w\n]{{0,8}}(\d+)", text, flags=re.IGNORECASE)
+    if match is None:
+        return None
+    value = int(match.group(1))
+    return value if 0 <= value <= 5 else None
+
+
+def parse_agreement(text: str) -> tuple[int | None, int | None]:
+    """(knowledge, attitude) grades 0-5 from ``Knowledge: N`` / ``Attitude: N`` lines; None if absent."""
+    return _grade("knowledge", text), _grade("attitude", text)
+
+
+def parse_yes_no(text: str) -> bool | None:
+    """The first yes/no in the text; None when there is neither."""
+    match = re.search(r"\b(yes|no)\b", text, flags=re.IGNORECASE)
+    return None if match is None else match.group(1).lower() == "yes"
+
+
+def parse_choice(text: str) -> str | None:
+    """``"A"``, ``"B"`` or ``"tie"`` from a preference verdict; None when unreadable."""
+    first = re.match(r"\W*(\w+)", text)
+    if first is not None:
+        word = first.group(1)
+        if word in ("A", "B"):
+            return word
+        if word.lower() in ("tie", "neither", "equal", "both"):
+            return "tie"
+    named = re.search(r"\b(?:answer|option)\s+([AB])\b", text, flags=re.IGNORECASE)
+    if named is not None:
+        return named.group(1).upper()
+    if re.search(r"\btie\b", text, flags=re.IGNORECASE):
+        return "tie"
+    return None
+
+
+def two_order_outcome(system_first: str | None, system_second: str | None) -> str:
+    """Combine the verdicts with the system's answer shown as A, then as B: ``win``, ``loss`` or ``tie``.
+
+    A win needs the system preferred in both orders, a loss the baseline preferred in both.
+    """
+    if system_first == "A" and system_second == "B":
+        return "win"
+    if system_first == "B" and system_second == "A":
+        return "loss"
+    return "tie"
+
+
+# --------------------------------------------------------------------------- calls
+
+
+async def judge_rows(
+    backend: ChatBackend,
+    params: dict[str, Any],
+    rows: list[dict[str, Any]],
+    baseline: dict[tuple[str, int], str] | None = None,
+    personas: dict[str, tuple[str, str]] | None = None,
+) -> list[dict[str, Any]]:
+    """Judge generation rows (see ``evaluate.engine``) and return one verdict dict per row.
+
+    Args:
+        backend: the judge model.
+        params: the judge's sampling settings.
+        rows: rows with question, reference, response, kind, item, sample, persona, stage.
+        baseline: the baseline system's response per ``(item, sample)``; preference is asked when given
+            and the row is not the baseline's own.
+        personas: display name and time phrase per ``"persona/stage"`` for the preference prompt.
+    """
+
+    async def ask(messages: list[Message]) -> str:
+        return (await backend.generate(messages, params)).text
+
+    async def one(row: dict[str, Any]) -> dict[str, Any]:
+        question, reference, response = row["question"], row["reference"], row["response"]
+        verdict: dict[str, Any] = {}
+        knowledge, attitude = parse_agreement(await ask(agreement_messages(question, reference, response)))
+        verdict.update(knowledge=knowledge, attitude=attitude)
+        if row.get("kind") == "misleading":
+            verdict["premise_detected"] = parse_yes_no(
+                await ask(premise_messages(question, reference, response))
+            )
+        other = (baseline or {}).get((row["item"], row["sample"]))
+        if other is not None:
+            name, time = (personas or {}).get(f"{row['persona']}/{row['stage']}", (row["persona"], ""))
+            first, second = await asyncio.gather(
+                ask(preference_messages(name, time, question, reference, response, other)),
+                ask(preference_messages(name, time, question, reference, other, response)),
+            )
+            verdict["preference"] = two_order_outcome(parse_choice(first), parse_choice(second))
+        return verdict
+
+    return list(await asyncio.gather(*(one(row) for row in rows)))
+
+
+def resolve_judge(configured: LLMConfig | None, override: LLMConfig | str | None) -> LLMConfig | None:
+    """The judge to use: ``override`` (a config, a model, a URL or ``MODEL@URL``) or the configured one.
+
+    A URL means an OpenAI-compatible endpoint; a bare model name keeps the configured judge's backend
+    and endpoint, or runs that model locally when no judge is configured.
+    """
+    if override is None or isinstance(override, LLMConfig):
+        return override or configured
+    model, _, url = override.rpartition("@") if "@http" in override else ("", "", override)
+    if url.startswith(("http://", "https://")):
+        fallback = configured.model if configured is not None and configured.backend == "openai" else "judge"
+        return LLMConfig.model_validate({"backend": "openai", "base_url": url, "model": model or fallback})
+    if configured is not None and configured.backend == "openai":
+        return configured.model_copy(update={"model": override})
+    return LLMConfig.model_validate({"backend": "transformers", "model": override})
+
+
+def judge_all(
+    cfg: LLMConfig,
+    cache: Any,
+    params: dict[str, Any],
+    rows: list[dict[str, Any]],
+    baseline: str | None,
+    personas: dict[str, tuple[str, str]],
+) -> int:
+    """Judge the first sample of every row in place (``row["judge"]``); returns how many were judged."""
+    targets = [row for row in rows if row["sample"] == 0]
+    reference = {(r["item"], r["sample"]): r["response"] for r in targets if r["system"] == baseline}
+    others = [row for row in targets if row["system"] != baseline]
+    own = [row for row in targets if row["system"] == baseline]
+
+    async def both() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        from persllm.llm import make_backend
+
+        backend = make_backend(cfg, cache)
+        try:
+            first, second = await asyncio.gather(
+                judge_rows(backend, params, others, reference or None, personas),
+                judge_rows(backend, params, own, None, personas),
+            )
+        finally:
+            await backend.aclose()
+        return first, second
+
+    verdicts_others, verdicts_own = asyncio.run(both())
+    for row, verdict in [*zip(others, verdicts_others, strict=True), *zip(own, verdicts_own, strict=True)]:
+        row["judge"] = verdict
+    return len(targets)

@@ -1,0 +1,291 @@
+"""The evaluation report: ``report.md``, a self-contained ``report.html`` and PNG plots in ``plots/``.
+
+Everything is rebuilt from ``metrics.json`` and ``generations.jsonl`` alone (``run``), so a report can be
+regenerated or restyled without generating anything. The page is assembled as a list of blocks that
+render to both Markdown and HTML; the HTML embeds the plots as base64 data URIs.
+"""
+
+import base64
+import html
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from persllm.errors import UserError
+from persllm.jsonl import read_jsonl
+
+if TYPE_CHECKING:
+    from persllm.config import Project
+
+Block = tuple[
+    Any, ...
+]  # ("h2", text) | ("p", text) | ("list", items) | ("table", headers, rows) | ("img", file, alt)
+
+OVERVIEW = ["bleu", "rouge_l", "persona_acc", "stage_acc", "style_fidelity", "anachronism_rate"]
+DISTINCTION = ["intra_bleu", "stage_bleu", "inter_bleu", "intra_cos", "stage_cos", "inter_cos"]
+JUDGED = ["knowledge", "attitude", "premise_detected", "win_rate", "tie_rate", "loss_rate"]
+TRAITS = ["O", "C", "E", "A", "N"]
+
+
+def run(project: "Project") -> dict[str, Path]:
+    """Rebuild the report of the last evaluation from ``eval/metrics.json`` and ``eval/generations.jsonl``."""
+    out = project.run_dir / "eval"
+    path = out / "metrics.json"
+    if not path.exists():
+        raise UserError(f"{path}: no evaluation results; run `persllm eval {project.config_path}` first")
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg}); re-run `persllm eval`") from None
+    return write_report(out, metrics, read_jsonl(out / "generations.jsonl"))
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temporary file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(out: Path, metrics: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Path]:
+    """Plots, ``report.md`` and ``report.html`` in ``out``; returns their paths."""
+    plots = make_plots(out / "plots", metrics)
+    blocks = build_blocks(metrics, rows, plots)
+    paths = {"markdown": out / "report.md", "html": out / "report.html"}
+    _atomic_text(paths["markdown"], to_markdown(blocks))
+    _atomic_text(paths["html"], to_html(blocks, out))
+    return paths
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- content
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) >= 10 else f"{value:.3f}"
+    return str(value)
+
+
+def metric_table(systems: dict[str, Any], names: list[str]) -> Block:
+    shown = [n for n in names if any(s["overall"].get(n) is not None for s in systems.values())]
+    rows = [[name, *(fmt(s["overall"].get(n)) for n in shown)] for name, s in systems.items()]
+    return ("table", ["system", *shown], rows)
+
+
+def build_blocks(metrics: dict[str, Any], rows: list[dict[str, Any]], plots: dict[str, str]) -> list[Block]:
+    """The report's content, top to bottom."""
+    settings, systems = metrics.get("settings", {}), metrics.get("systems", {})
+    definitions = metrics.get("definitions", {})
+    blocks: list[Block] = [("h1", "persllm evaluation")]
+    blocks.append(
+        (
+            "list",
+            [
+                f"systems: {', '.join(settings.get('systems', [])) or 'none'}",
+                f"base model: {settings.get('base_model')}; embedder: {settings.get('embedder')}",
+                f"items: {metrics.get('counts', {}).get('items')}; samples: {settings.get('samples')}; "
+                f"sampling: {json.dumps(settings.get('params', {}), sort_keys=True)}",
+                f"judge: {settings.get('judge') or 'none'}; preference baseline: {settings.get('baseline')}",
+            ],
+        )
+    )
+    skipped = settings.get("skipped") or {}
+    if skipped:
+        blocks += [("h2", "Skipped"), ("list", [f"{name}: {why}" for name, why in skipped.items()])]
+    if systems:
+        blocks += [("h2", "Overview"), metric_table(systems, [*OVERVIEW, "empty_rate", "completion_tokens"])]
+        blocks += [("img", plots["overview"], "overview")] if "overview" in plots else []
+        blocks += [("h2", "Distinction (Intra / Stage / Inter)"), metric_table(systems, DISTINCTION)]
+        blocks += [("img", plots["distinction"], "distinction")] if "distinction" in plots else []
+        if any(s["overall"].get(n) is not None for s in systems.values() for n in JUDGED):
+            blocks += [("h2", "Judge"), metric_table(systems, JUDGED)]
+            blocks += [("img", plots["judge"], "judge")] if "judge" in plots else []
+        blocks += [("h2", "Per persona and stage"), stage_table(systems)]
+    personality = metrics.get("personality") or {}
+    if personality:
+        blocks += [("h2", "Personality (questionnaire)"), personality_table(personality)]
+        blocks += [("img", plots["personality"], "personality")] if "personality" in plots else []
+    blocks += [("h2", "Definitions"), ("list", [f"{name}: {text}" for name, text in definitions.items()])]
+    blocks += [("h2", "Examples"), examples_table(rows)]
+    return blocks
+
+
+def stage_table(systems: dict[str, Any]) -> Block:
+    names = ["n", "bleu", "rouge_l", "anachronism_rate", "knowledge", "attitude"]
+    body = []
+    for system, data in systems.items():
+        for cell, values in data.get("by_stage", {}).items():
+            body.append([system, cell, *(fmt(values.get(n)) for n in names)])
+    return ("table", ["system", "persona/stage", *names], body)
+
+
+def personality_table(personality: dict[str, Any]) -> Block:
+    body = []
+    for system, personas in personality.items():
+        for persona, data in personas.items():
+            traits, target = data.get("traits", {}), data.get("target") or {}
+            cells = [
+                f"{fmt(traits.get(t))}" + (f" ({fmt(target[t])})" if t in target else "") for t in TRAITS
+            ]
+            body.append(
+                [
+                    system,
+                    persona,
+                    *cells,
+                    fmt(data.get("distance")),
+                    f"{data.get('answered')}/{data.get('asked')}",
+                ]
+            )
+    return ("table", ["system", "persona", *(f"{t} (target)" for t in TRAITS), "distance", "answered"], body)
+
+
+def examples_table(rows: list[dict[str, Any]], items: int = 4, width: int = 280) -> Block:
+    """Sample-0 responses of every system for the first few items."""
+    chosen = list(dict.fromkeys(r["item"] for r in rows))[:items]
+    body = []
+    for item in chosen:
+        first = [r for r in rows if r["item"] == item and r.get("sample", 0) == 0]
+        if not first:
+            continue
+        body.append(
+            ["(question)", f"{first[0]['persona']}/{first[0]['stage']}", _short(first[0]["question"], width)]
+        )
+        body.append(["(golden)", "", _short(first[0]["reference"], width)])
+        body += [[r["system"], "", _short(r["response"], width)] for r in first]
+    return ("table", ["who", "persona/stage", "text"], body)
+
+
+def _short(text: str, width: int) -> str:
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def make_plots(folder: Path, metrics: dict[str, Any]) -> dict[str, str]:
+    """Bar charts (Agg backend) saved as PNG; returns name -> file name relative to the report."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    systems = metrics.get("systems", {})
+    made: dict[str, str] = {}
+    charts = {"overview": OVERVIEW, "distinction": DISTINCTION, "judge": JUDGED}
+    for name, metric_names in charts.items():
+        shown = [m for m in metric_names if any(s["overall"].get(m) is not None for s in systems.values())]
+        if not shown:
+            continue
+        fig, axes = plt.subplots(1, len(shown), figsize=(2.6 * len(shown), 3.0), squeeze=False)
+        for ax, metric in zip(axes[0], shown, strict=True):
+            values = [systems[s]["overall"].get(metric) or 0.0 for s in systems]
+            ax.bar(range(len(systems)), values, color=[f"C{i}" for i in range(len(systems))])
+            ax.set_xticks(range(len(systems)), list(systems), rotation=30, ha="right", fontsize=8)
+            ax.set_title(metric, fontsize=9)
+            ax.tick_params(axis="y", labelsize=8)
+        fig.tight_layout()
+        fig.savefig(folder / f"{name}.png", dpi=90)
+        plt.close(fig)
+        made[name] = f"plots/{name}.png"
+    personality = metrics.get("personality") or {}
+    if personality:
+        made["personality"] = _personality_plot(plt, folder, personality)
+    return made
+
+
+def _personality_plot(plt: Any, folder: Path, personality: dict[str, Any]) -> str:
+    personas = sorted({p for data in personality.values() for p in data})
+    fig, axes = plt.subplots(1, len(personas), figsize=(4.0 * len(personas), 3.0), squeeze=False)
+    width = 0.8 / max(len(personality), 1)
+    for ax, persona in zip(axes[0], personas, strict=True):
+        for index, (system, data) in enumerate(personality.items()):
+            traits = data.get(persona, {}).get("traits", {})
+            xs = [t + (index - len(personality) / 2 + 0.5) * width for t in range(len(TRAITS))]
+            ax.bar(xs, [traits.get(t) or 0.0 for t in TRAITS], width, label=system)
+        target = next((d[persona].get("target") for d in personality.values() if persona in d), None) or {}
+        ax.scatter(
+            [i for i, t in enumerate(TRAITS) if t in target],
+            [target[t] for t in TRAITS if t in target],
+            marker="_",
+            s=300,
+            color="black",
+            label="target",
+        )
+        ax.set_xticks(range(len(TRAITS)), TRAITS)
+        ax.set_ylim(0, 5.2)
+        ax.set_title(persona, fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "personality.png", dpi=90)
+    plt.close(fig)
+    return "plots/personality.png"
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def to_markdown(blocks: list[Block]) -> str:
+    lines: list[str] = []
+    for block in blocks:
+        kind = block[0]
+        if kind in ("h1", "h2"):
+            lines += [("# " if kind == "h1" else "## ") + block[1], ""]
+        elif kind == "p":
+            lines += [block[1], ""]
+        elif kind == "list":
+            lines += [f"- {entry}" for entry in block[1]] + [""]
+        elif kind == "table":
+            headers, body = block[1], block[2]
+            lines.append("| " + " | ".join(headers) + " |")
+            lines.append("|" + "|".join("---" for _ in headers) + "|")
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in body]
+            lines.append("")
+        elif kind == "img":
+            lines += [f"![{block[2]}]({block[1]})", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def to_html(blocks: list[Block], base: Path) -> str:
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8"><title>persllm evaluation</title>',
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:14px}"
+        "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
+        "th{background:#f3f3f3}img{max-width:100%}</style></head><body>",
+    ]
+    for block in blocks:
+        kind = block[0]
+        if kind in ("h1", "h2", "p"):
+            parts.append(f"<{kind}>{html.escape(block[1])}</{kind}>")
+        elif kind == "list":
+            parts.append("<ul>" + "".join(f"<li>{html.escape(str(e))}</li>" for e in block[1]) + "</ul>")
+        elif kind == "table":
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in block[1])
+            body = "".join(
+                "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in block[2]
+            )
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif kind == "img":
+            data = base64.b64encode((base / block[1]).read_bytes()).decode("ascii")
+            parts.append(f'<img alt="{html.escape(block[2])}" src="data:image/png;base64,{data}">')
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"

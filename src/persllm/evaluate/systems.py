@@ -1,0 +1,276 @@
+"""The held-out items, the systems compared on them, how each system is prompted, and generation.
+
+Systems:
+- ``prompt``: the base model with the persona's system prompt (profile + time phrase), no label token.
+- ``rag``: the same plus the context the annotator retrieved for the item (the annotation record's, or
+  re-retrieved from the index when the record has none).
+- ``sft`` / ``sft+dpo``: the base model with ``models/<persona>/sft`` or ``/dpo``, prompted exactly like
+  the training data (system prompt, label token before the first user turn).
+- any name in ``eval.extra_systems``: that model, prompted like ``prompt``.
+
+Each item is its first exchange: the system prompt and first user turn, and the golden first reply.
+"""
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from persllm.config import Project
+from persllm.cot import split_inline
+from persllm.errors import UserError
+from persllm.evaluate.judge import render
+from persllm.jsonl import read_jsonl
+from persllm.llm.base import Completion, Message
+from persllm.llm.config import LLMConfig
+
+BUILTIN = ("prompt", "rag", "sft", "sft+dpo")
+ADAPTER_OF = {"sft": "sft", "sft+dpo": "dpo"}
+BATCH = 64  # conversations handed to a local backend at once; it splits them into its own batches
+
+
+@dataclass
+class Item:
+    """One held-out exchange."""
+
+    id: str
+    persona: str
+    stage: str
+    kind: str
+    label: str | None
+    system: str
+    question: str
+    reference: str
+    context: dict[str, str] | None = None
+
+
+@dataclass
+class System:
+    """A model and the way it is prompted; ``adapters`` maps persona -> adapter folder (trained systems)."""
+
+    name: str
+    llm: LLMConfig
+    mode: Literal["prompt", "rag", "trained"]
+    adapters: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class Request:
+    """One generation: which system, for which persona and stage and item, with which messages and sample."""
+
+    system: System
+    persona: str
+    stage: str
+    messages: list[Message]
+    sample: int = 0
+    item: str = ""
+
+
+# --------------------------------------------------------------------------- items
+
+
+def load_items(project: Project, max_items: int | None) -> list[Item]:
+    """The held-out items of every persona, at most ``max_items`` per persona x stage, in file order."""
+    items: list[Item] = []
+    for persona_id in project.personas:
+        path = project.run_dir / "data" / persona_id / "sft_test.jsonl"
+        contexts = annotation_contexts(project, persona_id)
+        taken: dict[str, int] = defaultdict(int)
+        for number, row in enumerate(read_jsonl(path), start=1):
+            item = item_of(row, f"{path}:{number}")
+            if max_items is not None and taken[item.stage] >= max_items:
+                continue
+            taken[item.stage] += 1
+            item.context = contexts.get(item.id)
+            items.append(item)
+    return items
+
+
+def item_of(row: dict[str, Any], where: str) -> Item:
+    """An ``Item`` from one ``sft_test.jsonl`` row; a malformed row is a user error naming it."""
+    messages, meta = row.get("messages"), row.get("meta") or {}
+    roles = [m.get("role") for m in messages] if isinstance(messages, list) else []
+    if roles[:3] != ["system", "user", "assistant"] or not all(k in meta for k in ("persona", "stage")):
+        raise UserError(
+            f"{where}: expected messages [system, user, assistant, ...] and meta.persona/stage; re-run curate"
+        )
+    assert isinstance(messages, list)
+    label = meta.get("label")
+    question = messages[1]["content"].strip()
+    if label and question.startswith(label):
+        question = question[len(label) :].strip()
+    return Item(
+        id=str(meta.get("id") or where),
+        persona=meta["persona"],
+        stage=meta["stage"],
+        kind=meta.get("kind", "ordinary"),
+        label=label,
+        system=messages[0]["content"],
+        question=question,
+        reference=split_inline(messages[2]["content"])[1],
+    )
+
+
+def annotation_contexts(project: Project, persona_id: str) -> dict[str, dict[str, str]]:
+    """The retrieved context of each annotation record, by record id."""
+    path = project.run_dir / "annotations" / f"{persona_id}.jsonl"
+    contexts: dict[str, dict[str, str]] = {}
+    for record in read_jsonl(path):
+        context = record.get("context")
+        if isinstance(context, dict) and "id" in record:
+            contexts[record["id"]] = {k: str(context.get(k) or "") for k in ("knowledge", "style")}
+    return contexts
+
+
+# --------------------------------------------------------------------------- systems
+
+
+def plan_systems(project: Project, names: list[str]) -> tuple[list[System], dict[str, str]]:
+    """The systems to run and, for each one left out, why (missing models never stop the evaluation)."""
+    cfg = project.config
+    base = cfg.base_model
+    planned: list[System] = []
+    skipped: dict[str, str] = {}
+    for name in dict.fromkeys(names):
+        if name in ("prompt", "rag"):
+            planned.append(System(name, base, "prompt" if name == "prompt" else "rag"))
+        elif name in ADAPTER_OF:
+            folder = ADAPTER_OF[name]
+            adapters = {p: project.run_dir / "models" / p / folder for p in project.personas}
+            missing = [p for p, path in adapters.items() if not (path / "adapter_config.json").exists()]
+            if missing:
+                where = ", ".join(str(adapters[p]) for p in missing)
+                skipped[name] = f"no trained model at {where}; run `persllm train` first"
+                continue
+            planned.append(System(name, base, "trained", adapters))
+        elif name in cfg.eval.extra_systems:
+            planned.append(System(name, cfg.eval.extra_systems[name], "prompt"))
+        else:
+            known = ", ".join([*BUILTIN, *cfg.eval.extra_systems])
+            raise UserError(f"eval.systems: unknown system {name!r}; use one of: {known}")
+    return planned, skipped
+
+
+def adapter_name(persona: str, system: System) -> str:
+    """The adapter's name on a shared backend (a served LoRA name for the openai backend)."""
+    return f"{persona}-{ADAPTER_OF[system.name]}"
+
+
+def messages_for(
+    system: System, item: Item, context: Callable[[Item], dict[str, str] | None] | None = None
+) -> list[Message]:
+    """The conversation a system sees for an item: trained systems get the label token, rag the context."""
+    if system.mode == "trained":
+        question = f"{item.label} {item.question}" if item.label else item.question
+        return [{"role": "system", "content": item.system}, {"role": "user", "content": question}]
+    prompt = item.system
+    if system.mode == "rag":
+        found = item.context if item.context is not None else (context(item) if context else None)
+        if found is not None:
+            prompt = rag_system_prompt(item.system, found.get("knowledge", ""), found.get("style", ""))
+    return [{"role": "system", "content": prompt}, {"role": "user", "content": item.question}]
+
+
+def rag_system_prompt(system: str, knowledge: str, style: str) -> str:
+    return render(
+        "rag_system",
+        system=system,
+        knowledge=knowledge or "(nothing retrieved)",
+        style=style or "(nothing retrieved)",
+    )
+
+
+def retrieval_context(project: Project) -> Callable[[Item], dict[str, str] | None]:
+    """Re-retrieval for items whose annotation record is gone: the index's context for the question."""
+    retriever: Any = None
+
+    def fetch(item: Item) -> dict[str, str] | None:
+        nonlocal retriever
+        from persllm.index.retrieve import Retriever
+
+        retriever = retriever or Retriever(project)
+        found = retriever.retrieve(item.persona, item.stage, item.question)
+        return {"knowledge": found.knowledge_text(), "style": found.style_text()}
+
+    return fetch
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def generate(
+    project: Project,
+    requests: list[Request],
+    params: dict[str, Any],
+    cache: Any,
+    backends: dict[str, Any] | None = None,
+) -> list[Completion]:
+    """Answers to ``requests`` in order: one backend per model, adapters switched by name, local models
+    in batches, endpoints concurrently; every call goes through the cache (``n_sample`` separates samples).
+
+    Pass a ``backends`` dict to keep models loaded for later calls (then close them with ``close``);
+    without one, the backends are made here and closed at the end.
+    """
+    owned = backends is None
+    pool: dict[str, Any] = {} if backends is None else backends
+
+    async def answer_all() -> list[Completion]:
+        try:
+            return await _generate(project, requests, params, cache, pool)
+        finally:
+            if owned:
+                await _close(pool)
+
+    return asyncio.run(answer_all())
+
+
+def close(backends: dict[str, Any]) -> None:
+    """Close backends kept by ``generate``."""
+    asyncio.run(_close(backends))
+
+
+async def _close(backends: dict[str, Any]) -> None:
+    for backend in backends.values():
+        await backend.aclose()
+    backends.clear()
+
+
+async def _generate(
+    project: Project, requests: list[Request], params: dict[str, Any], cache: Any, backends: dict[str, Any]
+) -> list[Completion]:
+    from persllm.llm import make_backend
+
+    # Every adapter is registered before the first generation (added stage tokens resize the base).
+    groups: dict[tuple[str, str, int], list[int]] = defaultdict(list)
+    for index, request in enumerate(requests):
+        model_key = request.system.llm.model_dump_json(exclude={"adapter", "params"})
+        if model_key not in backends:
+            backends[model_key] = make_backend(request.system.llm, cache)
+        adapter = ""
+        if request.system.mode == "trained":
+            adapter = adapter_name(request.persona, request.system)
+            backend = backends[model_key]
+            if hasattr(backend, "add_adapter") and adapter not in getattr(backend, "adapters", ()):
+                backend.add_adapter(adapter, str(request.system.adapters[request.persona]))
+        groups[(model_key, adapter, request.sample)].append(index)
+
+    results: list[Completion | None] = [None] * len(requests)
+    for (model_key, adapter, sample), indices in groups.items():
+        backend = backends[model_key]
+        call = {**params, "n_sample": sample, "adapter": adapter or None}
+        if "seed" not in params:
+            call["seed"] = project.config.seed + sample
+        conversations = [requests[i].messages for i in indices]
+        if hasattr(getattr(backend, "inner", backend), "generate_batch"):
+            answers = [
+                answer
+                for start in range(0, len(conversations), BATCH)
+                for answer in backend.generate_batch(conversations[start : start + BATCH], call)
+            ]
+        else:
+            answers = await asyncio.gather(*(backend.generate(m, call) for m in conversations))
+        for i, answer in zip(indices, answers, strict=True):
+            results[i] = answer
+    return [r for r in results if r is not None]

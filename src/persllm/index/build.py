@@ -1,0 +1,158 @@
+"""``persllm index``: chunk every persona stage's corpus, embed what is new, write one index per stage.
+
+Layout under ``<run_dir>/index/``::
+
+    <persona>/<stage>/chunks.jsonl     one Chunk per line, in corpus order
+    <persona>/<stage>/embeddings.npy   float32 [n, d], row i embeds line i of chunks.jsonl
+    <persona>/<stage>/meta.json        model, dimension, counts, fingerprint (written last)
+    embeddings_cache/<model>.npz       text hash -> vector for one embedder model
+
+The cache is keyed by the chunk text and the embedder model, not by persona or stage, so an unchanged
+corpus embeds nothing, an edited one embeds only its new paragraphs, and moving a file to another
+stage costs nothing.
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from persllm.config import EmbedderConfig, Project
+from persllm.hashing import stable_hash
+from persllm.index import encoder
+from persllm.jsonl import write_jsonl
+from persllm.manifest import record_stage
+from persllm.persona.corpus import Chunk, read_stage_chunks
+
+
+def run(project: Project, personas: list[str] | None = None, progress: bool = False) -> dict[str, Any]:
+    """Build the index of ``personas`` (default: all) and return per-stage and total counts."""
+    started = time.perf_counter()
+    cfg = project.config.embedder
+    persona_ids = personas or list(project.personas)
+    root = project.run_dir / "index"
+
+    # Chunk every stage's corpus (user errors in the corpus surface here, before any model loads).
+    stages: list[tuple[str, str, list[Chunk]]] = []
+    for persona_id in persona_ids:
+        for stage in project.persona(persona_id).stages:
+            stages.append((persona_id, stage.id, read_stage_chunks(project, persona_id, stage.id)))
+
+    # Embed only texts the cache has not seen for this model.
+    cache_path = root / "embeddings_cache" / f"{model_key(cfg)}.npz"
+    cache = load_cache(cache_path)
+    needed = {text_key(chunk.text): chunk.text for _, _, chunks in stages for chunk in chunks}
+    missing = [key for key in needed if key not in cache]
+    fresh = set(missing)
+    if missing:
+        vectors = encoder.embed([needed[key] for key in missing], cfg, progress=progress)
+        cache.update(zip(missing, vectors, strict=True))
+    dim = next(iter(cache.values())).shape[0] if cache else encoder.dimension(cfg)
+
+    # Write each stage's arrays, then the cache (pruned to what a full run still uses).
+    rows: list[dict[str, Any]] = []
+    for persona_id, stage_id, chunks in stages:
+        keys = [text_key(chunk.text) for chunk in chunks]
+        matrix = np.stack([cache[key] for key in keys]) if keys else np.zeros((0, dim), np.float32)
+        write_stage(root / persona_id / stage_id, chunks, matrix.astype(np.float32), cfg)
+        # A new text shared by several stages counts as embedded once, in the first stage using it.
+        new_here = {key for key in keys if key in fresh}
+        fresh -= new_here
+        embedded = len(new_here)
+        rows.append(
+            {
+                "persona": persona_id,
+                "stage": stage_id,
+                "chunks": len(chunks),
+                "knowledge": sum(chunk.kind == "knowledge" for chunk in chunks),
+                "style": sum(chunk.kind == "style" for chunk in chunks),
+                "embedded": embedded,
+                "reused": len(chunks) - embedded,
+            }
+        )
+    if personas is None:
+        cache = {key: cache[key] for key in needed}
+    if missing or personas is None:
+        save_cache(cache_path, cache)
+
+    # Record the stage in the manifest.
+    result = {
+        "stages": rows,
+        "chunks": sum(row["chunks"] for row in rows),
+        "embedded": len(missing),
+        "reused": sum(row["chunks"] for row in rows) - sum(row["embedded"] for row in rows),
+        "model": cfg.model,
+        "dimension": int(dim),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    fingerprint = stable_hash({"model": cfg.model, "chunks": [[c.id for c in s[2]] for s in stages]})
+    record_stage(
+        project,
+        "index",
+        status="done",
+        input_hash=fingerprint,
+        personas=persona_ids,
+        chunks=result["chunks"],
+        embedded=result["embedded"],
+        reused=result["reused"],
+        seconds=result["seconds"],
+    )
+    return result
+
+
+def model_key(cfg: EmbedderConfig) -> str:
+    return stable_hash({"embedder": cfg.model}, length=12)
+
+
+def text_key(text: str) -> str:
+    return stable_hash(text, length=24)
+
+
+def load_cache(path: Path) -> dict[str, np.ndarray]:
+    """The cached vectors of one model; an unreadable cache file is only a cache, so it reads as empty."""
+    if not path.exists():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            keys, vectors = data["keys"], data["vectors"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    return {str(key): vectors[i] for i, key in enumerate(keys)}
+
+
+def save_cache(path: Path, cache: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = np.array(list(cache), dtype=str)
+    vectors = np.stack(list(cache.values())).astype(np.float32) if cache else np.zeros((0, 0), np.float32)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as handle:
+        np.savez(handle, keys=keys, vectors=vectors)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_stage(folder: Path, chunks: list[Chunk], matrix: np.ndarray, cfg: EmbedderConfig) -> None:
+    """Write one stage's index; meta.json goes last and carries the fingerprint the reader checks."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_jsonl(folder / "chunks.jsonl", (chunk.to_dict() for chunk in chunks))
+    tmp = folder / "embeddings.npy.tmp"
+    with tmp.open("wb") as handle:
+        np.save(handle, matrix)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, folder / "embeddings.npy")
+    meta = {
+        "model": cfg.model,
+        "dimension": int(matrix.shape[1]),
+        "chunks": len(chunks),
+        "knowledge": sum(chunk.kind == "knowledge" for chunk in chunks),
+        "style": sum(chunk.kind == "style" for chunk in chunks),
+        "fingerprint": stable_hash([chunk.id for chunk in chunks]),
+    }
+    tmp_meta = folder / "meta.json.tmp"
+    tmp_meta.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp_meta, folder / "meta.json")

@@ -1,0 +1,98 @@
+"""The sentence encoder: loaded once per process and (model, device), batched, L2-normalised.
+
+The reference code re-creates the encoder for every retrieval query; here every caller (index, retrieval,
+curation dedup, evaluation) shares one instance.
+"""
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from persllm.config import EmbedderConfig
+from persllm.errors import UserError
+from persllm.llm.bundled import resolve_model
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+_ENCODERS: dict[tuple[str, str], "SentenceTransformer"] = {}
+_LOCK = threading.Lock()
+
+
+def get_encoder(cfg: EmbedderConfig) -> "SentenceTransformer":
+    """The process-wide SentenceTransformer for ``cfg.model`` on ``cfg.device``, loading it on first use."""
+    key = (cfg.model, cfg.device)
+    with _LOCK:
+        if key not in _ENCODERS:
+            _ENCODERS[key] = _load(cfg)
+        return _ENCODERS[key]
+
+
+def _load(cfg: EmbedderConfig) -> "SentenceTransformer":
+    from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
+
+    location = resolve_model(cfg.model)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return SentenceTransformer(location, device=cfg.device)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"embedder.model: cannot load {cfg.model!r} on {cfg.device!r} ({first[:160]}); "
+            "use 'bundled:minilm', a local sentence-transformers folder or a cached hub id"
+        ) from None
+    finally:
+        hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity(verbosity)
+
+
+def dimension(cfg: EmbedderConfig) -> int:
+    encoder = get_encoder(cfg)
+    size = encoder.get_sentence_embedding_dimension()
+    if size is None:  # some models only know it after a first encode
+        size = int(_encode(encoder, ["dimension"], cfg.batch_size).shape[1])
+    return int(size)
+
+
+def embed(texts: list[str], cfg: EmbedderConfig, progress: bool = False) -> np.ndarray:
+    """Embeddings of ``texts`` as float32 ``[n, d]``, each row of unit length.
+
+    Texts are encoded longest first in batches of ``cfg.batch_size`` (less padding per batch) and
+    returned in the order given.
+    """
+    if not texts:
+        return np.zeros((0, dimension(cfg)), dtype=np.float32)
+    encoder = get_encoder(cfg)
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    out = np.empty((len(texts), 0), dtype=np.float32)
+    bar = _progress_bar(len(texts)) if progress else None
+    for start in range(0, len(order), cfg.batch_size):
+        batch = order[start : start + cfg.batch_size]
+        vectors = _encode(encoder, [texts[i] for i in batch], cfg.batch_size)
+        if out.shape[1] == 0:
+            out = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
+        out[batch] = vectors
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def _encode(encoder: "SentenceTransformer", texts: list[str], batch_size: int) -> np.ndarray:
+    vectors = np.asarray(
+        encoder.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False),
+        dtype=np.float32,
+    )
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+def _progress_bar(total: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="chunk", desc="embedding")

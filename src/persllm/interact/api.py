@@ -1,0 +1,209 @@
+"""The OpenAI chat-completions wire format, as pure functions: request checking, prompt, reply bodies.
+
+``serve`` keeps the HTTP side; everything here takes and returns plain data so it is tested without a
+server.
+"""
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from persllm.config import Project
+from persllm.cot import split_inline
+from persllm.interact.config import ServeConfig
+from persllm.interact.models import ModelRef
+from persllm.interact.prompting import merge_consecutive, persona_system
+from persllm.llm.base import Message
+
+
+class ApiError(Exception):
+    """A request the server refuses, with the OpenAI error body's fields."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, kind: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.kind, self.param, self.code)
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatRequest(BaseModel):
+    """The fields persllm reads; any other OpenAI field is accepted and ignored.
+
+    ``show_analysis`` (persllm's own field) returns the model's analysis as ``reasoning_content``.
+    """
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=1)
+    stream_options: dict[str, Any] | None = None
+    show_analysis: bool = False
+
+
+def parse_request(raw: bytes, cfg: ServeConfig) -> ChatRequest:
+    """The checked request, or an ``ApiError`` (400) saying what is wrong with it."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON ({exc})", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    messages = data.get("messages")
+    if isinstance(messages, list) and len(messages) > cfg.max_messages:
+        raise ApiError(
+            400,
+            f"too many messages ({len(messages)}); this server accepts at most {cfg.max_messages}",
+            param="messages",
+            code="too_many_messages",
+        )
+    try:
+        request = ChatRequest.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        param = ".".join(str(part) for part in error["loc"]) or None
+        raise ApiError(400, f"{param}: {error['msg']}", param=param, code="invalid_value") from None
+    limit = request.max_completion_tokens or request.max_tokens
+    if limit is not None and limit > cfg.max_tokens_limit:
+        param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+        raise ApiError(
+            400,
+            f"{param} is {limit}; this server allows at most {cfg.max_tokens_limit}",
+            param,
+            "invalid_value",
+        )
+    return request
+
+
+def sampling(request: ChatRequest, defaults: dict[str, Any]) -> dict[str, Any]:
+    """Backend params: the server's defaults, then what the request set."""
+    params = dict(defaults)
+    limit = request.max_completion_tokens or request.max_tokens
+    given = {
+        "max_tokens": limit,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "seed": request.seed,
+        "stop": request.stop,
+    }
+    params.update({key: value for key, value in given.items() if value is not None})
+    return params
+
+
+def prompt_messages(
+    project: Project, ref: ModelRef, request: ChatRequest, knowledge: str = "", style: str = ""
+) -> list[Message]:
+    """The request's messages as the model should see them.
+
+    A persona model gets its training-time system prompt first; a client's own system messages are
+    added after it. Earlier assistant turns keep only their response (as at training time). The stage
+    label is added once the conversation is trimmed to the budget (``prompting.fit``).
+    """
+    system, turns = [], []
+    for message in request.messages:
+        text = message.text()
+        if message.role in ("system", "developer"):
+            system.append(text)
+        elif message.role == "assistant":
+            turns.append({"role": "assistant", "content": split_inline(text)[1]})
+        else:
+            turns.append({"role": "user", "content": text})
+    if ref.persona is not None and ref.stage is not None:
+        persona = project.persona(ref.persona)
+        system.insert(0, persona_system(persona, ref.stage, knowledge, style))
+    head = [{"role": "system", "content": "\n\n".join(system)}] if system else []
+    return head + merge_consecutive(turns)
+
+
+def new_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def completion_body(
+    cid: str, model: str, analysis: str, response: str, finish: str, usage: dict[str, int], show: bool
+) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": response}
+    if show:
+        message["reasoning_content"] = analysis
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+        "usage": usage,
+    }
+
+
+def chunk(cid: str, model: str, delta: dict[str, Any], finish: str | None = None) -> str:
+    """One server-sent event of the stream, in OpenAI's ``chat.completion.chunk`` form."""
+    body = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+    }
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def usage_chunk(cid: str, model: str, usage: dict[str, int]) -> str:
+    body = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [],
+        "usage": usage,
+    }
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def models_body(ids: list[str]) -> dict[str, Any]:
+    return {"object": "list", "data": [model_body(model_id) for model_id in ids]}
+
+
+def model_body(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "persllm"}

@@ -1,0 +1,253 @@
+"""The models a project offers and one shared base model that serves them all.
+
+A model id is ``persona:stage:variant`` (``elsie:keeper:dpo``) or ``base``. Variants: ``sft`` and ``dpo``
+(trained folders under ``models/<persona>/``), ``prompt`` (the base model told who it is, no adapter)
+and, for chat, any adapter folder. Every persona adapter is loaded once into the same base model and
+selected per call, so serving ten personas costs one model's memory.
+"""
+
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from persllm.config import Project
+from persllm.errors import UserError
+from persllm.hashing import stable_hash
+from persllm.llm.base import Completion, Message
+from persllm.llm.config import LLMConfig
+
+BASE = "base"
+PROMPT = "prompt"
+TRAINED = ("sft", "dpo")
+ANALYSIS_SUFFIX = "+analysis"
+
+
+class UnknownModel(UserError):
+    """A model id that names no persona, stage or trained variant of the project."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a model id points at. ``path`` is the trained folder (adapter or full weights)."""
+
+    id: str
+    persona: str | None = None
+    stage: str | None = None
+    variant: str = BASE
+    path: Path | None = None
+    show_analysis: bool = False
+
+
+def trained_dir(project: Project, persona: str, variant: str) -> Path | None:
+    """``models/<persona>/<variant>`` when it holds an adapter or full weights, else None."""
+    folder = project.run_dir / "models" / persona / variant
+    return folder if is_model_folder(folder) else None
+
+
+def is_model_folder(folder: Path) -> bool:
+    return (folder / "adapter_config.json").exists() or (folder / "config.json").exists()
+
+
+def list_model_ids(project: Project) -> list[str]:
+    """``base``, then ``persona:stage:variant`` for every stage and every variant that exists."""
+    ids = [BASE]
+    for pid, persona in project.personas.items():
+        variants = [PROMPT] + [v for v in TRAINED if _servable(project, pid, v)]
+        ids += [f"{pid}:{stage.id}:{variant}" for stage in persona.stages for variant in variants]
+    return ids
+
+
+def resolve_model_id(project: Project, model_id: str) -> ModelRef:
+    """The model behind ``model_id``; a ``+analysis`` suffix asks for the analysis too.
+
+    ``persona:stage`` picks the best trained variant (dpo, then sft, then prompt).
+    """
+    show = model_id.endswith(ANALYSIS_SUFFIX)
+    name = model_id.removesuffix(ANALYSIS_SUFFIX)
+    if name == BASE:
+        return ModelRef(id=name, show_analysis=show)
+    parts = name.split(":")
+    persona = project.personas.get(parts[0])
+    stage_ids = [s.id for s in persona.stages] if persona else []
+    if persona is None or len(parts) not in (2, 3) or parts[1] not in stage_ids:
+        raise UnknownModel(f"model {model_id!r} does not exist; GET /v1/models lists the model ids")
+    variant = parts[2] if len(parts) == 3 else best_variant(project, persona.id)
+    full = f"{persona.id}:{parts[1]}:{variant}"
+    return ModelRef(full, persona.id, parts[1], *_variant(project, persona.id, variant, model_id), show)
+
+
+def best_variant(project: Project, persona: str) -> str:
+    return next((v for v in ("dpo", "sft") if _servable(project, persona, v)), PROMPT)
+
+
+def _servable(project: Project, persona: str, variant: str) -> bool:
+    """A trained variant exists and the base model runs here (adapters need the transformers backend)."""
+    local = project.config.base_model.backend == "transformers"
+    return local and trained_dir(project, persona, variant) is not None
+
+
+def _variant(project: Project, persona: str, variant: str, model_id: str) -> tuple[str, Path | None]:
+    if variant == PROMPT:
+        return PROMPT, None
+    path = trained_dir(project, persona, variant) if _servable(project, persona, variant) else None
+    if path is None:
+        raise UnknownModel(
+            f"model {model_id!r} does not exist (no trained {variant!r} model for {persona!r}); "
+            "GET /v1/models lists the model ids"
+        )
+    return variant, path
+
+
+def chat_ref(project: Project, persona: str, stage: str, model: str) -> ModelRef:
+    """The model of ``persllm chat``: ``model`` is sft, dpo, prompt or a folder."""
+    project.persona(persona).stage(stage)
+    if model in (PROMPT, *TRAINED):
+        try:
+            return ModelRef(
+                f"{persona}:{stage}:{model}", persona, stage, *_variant(project, persona, model, model)
+            )
+        except UnknownModel:
+            where = project.run_dir / "models" / persona / model
+            raise UserError(
+                f"--model {model}: {where} holds no trained model; train it or use --model prompt"
+            ) from None
+    folder = Path(model).expanduser()
+    if not is_model_folder(folder):
+        raise UserError(f"--model {model}: not sft, dpo, prompt or a folder with an adapter or model; fix it")
+    return ModelRef(f"{persona}:{stage}:{folder.name}", persona, stage, "path", folder.resolve())
+
+
+@dataclass
+class Speaker:
+    """A backend bound to one model: the adapter it selects, the stage label it was trained with."""
+
+    backend: Any
+    label: str | None = None
+    fixed: dict[str, Any] = field(default_factory=dict)
+    own_tokenizer: Any = None  # an adapter's tokenizer (with its stage tokens), else the backend's
+
+    @property
+    def tokenizer(self) -> Any | None:
+        return self.own_tokenizer or getattr(self.backend, "tokenizer", None)
+
+    async def generate(self, messages: list[Message], params: dict[str, Any]) -> Completion:
+        return await self.backend.generate(messages, {**params, **self.fixed})
+
+    async def stream(self, messages: list[Message], params: dict[str, Any]) -> AsyncIterator[str]:
+        """Text pieces as they are generated (one piece for backends that cannot stream)."""
+        if hasattr(self.backend, "stream"):
+            async for piece in self.backend.stream(messages, {**params, **self.fixed}):
+                yield piece
+        else:
+            yield (await self.generate(messages, params)).text
+
+    def count_tokens(self, messages: list[Message]) -> int:
+        """Prompt tokens of ``messages`` with the chat template (about 4 characters a token without one)."""
+        tokenizer = self.tokenizer
+        if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+            return sum(len(m["content"]) // 4 + 4 for m in messages)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class ModelPool:
+    """One base model with every persona adapter loaded into it, created on first use.
+
+    Args:
+        project: the project whose ``base_model`` and trained folders are served.
+        llm: another base model config (default ``project.config.base_model``).
+    """
+
+    def __init__(self, project: Project, llm: LLMConfig | None = None) -> None:
+        self.project = project
+        self.cfg = llm or project.config.base_model
+        self._base: Any = None
+        self._adapters: dict[Path, str] = {}
+        self._full: dict[Path, Any] = {}
+        self._tokenizers: dict[Path, Any] = {}
+        self._lock = threading.Lock()
+
+    def base(self) -> Any:
+        with self._lock:
+            if self._base is None:
+                self._base = _make_base(self.cfg)
+            return self._base
+
+    def speakers(self, refs: list[ModelRef]) -> list[Speaker]:
+        """The speakers of ``refs``, every model loaded.
+
+        All adapters are registered before the base model loads: an adapter trained with added tokens
+        (the stage labels) makes the base resize its embeddings, which must happen before generating.
+        """
+        speakers = [self._speaker(ref) for ref in refs]
+        for speaker in speakers:
+            load = getattr(speaker.backend, "load", None)
+            if load is not None:
+                load()
+        return speakers
+
+    def speaker(self, ref: ModelRef) -> Speaker:
+        """The backend and per-call settings that make the base model speak as ``ref``."""
+        return self.speakers([ref])[0]
+
+    def _speaker(self, ref: ModelRef) -> Speaker:
+        if ref.path is None:
+            return Speaker(self.base(), fixed={"adapter": BASE} if self.cfg.backend == "transformers" else {})
+        persona = self.project.persona(ref.persona) if ref.persona else None
+        label = persona.stage(ref.stage).label if persona is not None and ref.stage else None
+        if not (ref.path / "adapter_config.json").exists():
+            return Speaker(self._full_model(ref.path), label=label)
+        fixed = {"adapter": self.adapter(ref)}
+        return Speaker(self.base(), label=label, fixed=fixed, own_tokenizer=self._tokenizer(ref.path))
+
+    def adapter(self, ref: ModelRef) -> str:
+        """The adapter name of ``ref`` in the base model, loading the adapter the first time."""
+        assert ref.path is not None
+        if self.cfg.backend != "transformers":
+            raise UserError(
+                "base_model.backend: trained adapters are served by the 'transformers' backend; set it, "
+                "or serve them with vLLM --enable-lora and point an 'openai' agent at it"
+            )
+        base = self.base()
+        with self._lock:
+            if ref.path not in self._adapters:
+                stem = f"{ref.persona}_{ref.variant}" if ref.variant in TRAINED else "path"
+                name = f"{stem}_{stable_hash(str(ref.path), 8)}"
+                base.add_adapter(name, str(ref.path))
+                self._adapters[ref.path] = name
+            return self._adapters[ref.path]
+
+    def _tokenizer(self, path: Path) -> Any:
+        if not (path / "tokenizer_config.json").exists():
+            return None
+        with self._lock:
+            if path not in self._tokenizers:
+                from transformers import AutoTokenizer
+
+                self._tokenizers[path] = AutoTokenizer.from_pretrained(path)
+            return self._tokenizers[path]
+
+    def _full_model(self, path: Path) -> Any:
+        with self._lock:
+            if path not in self._full:
+                self._full[path] = _make_base(
+                    self.cfg.model_copy(update={"model": str(path), "adapter": None})
+                )
+            return self._full[path]
+
+    async def aclose(self) -> None:
+        for backend in [self._base, *self._full.values()]:
+            if backend is not None:
+                await backend.aclose()
+
+
+def _make_base(cfg: LLMConfig) -> Any:
+    if cfg.backend == "transformers":
+        from persllm.llm.transformers_backend import TransformersBackend
+
+        return TransformersBackend(cfg)
+    from persllm.llm import make_backend
+
+    return make_backend(cfg)

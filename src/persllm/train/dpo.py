@@ -1,0 +1,149 @@
+"""Direct preference optimisation of one persona's SFT model on ``data/<persona>/dpo_train.jsonl``.
+
+The policy starts from ``models/<persona>/sft`` and the SFT model is the frozen reference. With a LoRA
+SFT adapter and ``dpo.method: lora`` (the default) the adapter itself keeps training and TRL keeps a
+frozen copy of it as the reference (``DPOTrainer`` adds a ``ref`` adapter when given a PEFT model and no
+``ref_model``), so the result is again one adapter on the base model. After full SFT, ``lora`` puts a
+new adapter on the SFT weights (reference: the adapter switched off); ``full`` trains every weight
+against a second, frozen copy of the SFT model.
+"""
+
+import time
+from pathlib import Path
+from typing import Any
+
+from persllm.config import Project
+from persllm.errors import UserError
+from persllm.train import common
+
+
+def run(project: Project, persona_id: str, resume: bool = False, **overrides: Any) -> dict[str, Any]:
+    """Train the DPO model of ``persona_id`` from its SFT model.
+
+    Args:
+        project: the loaded project.
+        persona_id: which persona.
+        resume: continue from the last checkpoint in ``models/<persona>/checkpoints/dpo``.
+        **overrides: ``trl.DPOConfig`` arguments that win over the ``dpo.trl`` block (e.g. max_steps=5).
+
+    Returns:
+        The contents of ``training.json``: steps, final_loss, losses, margins, output, ...
+    """
+    import trl
+
+    cfg = project.config.dpo
+    persona = project.persona(persona_id)
+    data_dir = project.run_dir / "data" / persona.id
+    sft_dir, _ = common.model_dirs(project, persona.id, "sft")
+    out_dir, checkpoints = common.model_dirs(project, persona.id, "dpo")
+
+    # Config first: a typo in dpo.trl or dpo.lora fails before anything is loaded.
+    args = common.build_trl_args(project, "dpo", checkpoints, overrides)
+    common.build_lora(project, "dpo")
+
+    # Inputs: the SFT model and the preference pairs (TRL's conversational prompt/chosen/rejected).
+    if not common.is_model_folder(sft_dir):
+        raise UserError(
+            f"{sft_dir}: no SFT model; train it first: "
+            f"persllm train sft {project.config_path} --persona {persona.id}"
+        )
+    pair_columns = ["prompt", "chosen", "rejected"]
+    train_set = common.read_dataset(data_dir / "dpo_train.jsonl", pair_columns, "persllm pairs CONFIG")
+
+    # Policy and reference, both from the SFT model; the tokenizer (stage tokens, template) comes with it.
+    policy, ref_model, peft_config, adapter_base = load_policy(project, sft_dir, cfg.method)
+    model, tokenizer = policy
+    sft_info = common.read_training_json(sft_dir)
+
+    # Train, continuing from the last checkpoint when asked.
+    trainer = trl.DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=train_set,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    checkpoint = common.checkpoint_to_resume(checkpoints, resume)
+    started = time.time()
+    output = trainer.train(resume_from_checkpoint=checkpoint)
+
+    # The frozen "ref" copy of the adapter is TRL's bookkeeping, not part of the result.
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    if "ref" in getattr(trained, "peft_config", {}):
+        trained.delete_adapter("ref")
+
+    # Save adapter/weights + tokenizer + training.json, then record in the manifest.
+    history = trainer.state.log_history
+    info = common.summarise(
+        trainer,
+        output,
+        started,
+        {
+            "persona": persona.id,
+            "stage": "dpo",
+            "margins": [
+                {"step": h["step"], "margin": h["rewards/margins"]} for h in history if "rewards/margins" in h
+            ],
+            "accuracies": [
+                {"step": h["step"], "accuracy": h["rewards/accuracies"]}
+                for h in history
+                if "rewards/accuracies" in h
+            ],
+            "resumed_from": checkpoint,
+            "output": str(out_dir),
+            "method": cfg.method,
+            "base_model": sft_info.get("base_model") or common.base_model_name(project),
+            "adapter_base": adapter_base,
+            "reference": str(sft_dir),
+            "stage_tokens": sft_info.get("stage_tokens", {}),
+            "train_rows": len(train_set),
+            "config": {
+                "trl": common.trl_kwargs(project, "dpo", checkpoints, overrides),
+                "lora": common.lora_kwargs(project, "dpo") if peft_config is not None else None,
+            },
+        },
+    )
+    common.save_final(trainer, tokenizer, out_dir, info)
+    if trainer.is_world_process_zero():
+        common.record(project, "train_dpo", persona.id, info)
+    return info
+
+
+def load_policy(project: Project, sft_dir: Path, method: str) -> tuple[tuple[Any, Any], Any, Any, str]:
+    """((policy, tokenizer), ref_model, peft_config, adapter_base) for the four SFT x DPO method pairs.
+
+    ``adapter_base`` says what a saved DPO adapter sits on: 'base_model' or 'sft' (full SFT weights).
+    """
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(sft_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if common.is_adapter(sft_dir):
+        if method == "lora":
+            # TRL copies this adapter into a frozen "ref" adapter: the reference is exactly the SFT model.
+            base = _base_with_tokens(project, tokenizer)
+            policy = PeftModel.from_pretrained(base, str(sft_dir), is_trainable=True)
+            return (policy, tokenizer), None, None, "base_model"
+        merged = PeftModel.from_pretrained(
+            _base_with_tokens(project, tokenizer), str(sft_dir)
+        ).merge_and_unload()
+        reference = PeftModel.from_pretrained(
+            _base_with_tokens(project, tokenizer), str(sft_dir)
+        ).merge_and_unload()
+        return (merged, tokenizer), reference.eval(), None, "base_model"
+    policy, _ = common.load_pretrained(project, str(sft_dir))
+    if method == "lora":
+        # A fresh adapter on the SFT weights; with the adapter switched off TRL gets the reference.
+        return (policy, tokenizer), None, common.build_lora(project, "dpo"), "sft"
+    reference, _ = common.load_pretrained(project, str(sft_dir))
+    return (policy, tokenizer), reference.eval(), None, "sft"
+
+
+def _base_with_tokens(project: Project, tokenizer: Any) -> Any:
+    """The base model grown to the SFT tokenizer's vocabulary, ready for the SFT adapter."""
+    model, _ = common.load_pretrained(project, common.base_model_name(project))
+    common.add_stage_tokens(model, tokenizer, [])
+    return model

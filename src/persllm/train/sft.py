@@ -1,0 +1,107 @@
+"""Supervised fine-tuning of one persona on ``data/<persona>/sft_train.jsonl`` with TRL's SFTTrainer.
+
+The persona's stage labels (``<TIME-I>``, ...) become special tokens whose embedding rows start at the
+mean of the existing rows and are trained (LoRA: the embedding and LM head are saved with the adapter).
+Loss is on the assistant turns only. The result is ``models/<persona>/sft``: the adapter (or full
+weights), the tokenizer with the stage tokens and the serving chat template, and ``training.json``.
+"""
+
+import time
+from typing import Any
+
+from persllm.config import Project
+from persllm.train import common
+
+
+def run(project: Project, persona_id: str, resume: bool = False, **overrides: Any) -> dict[str, Any]:
+    """Train the SFT model of ``persona_id``.
+
+    Args:
+        project: the loaded project.
+        persona_id: which persona.
+        resume: continue from the last checkpoint in ``models/<persona>/checkpoints/sft`` (a fresh
+            run otherwise, which clears those checkpoints).
+        **overrides: ``trl.SFTConfig`` arguments that win over the ``sft.trl`` block (e.g. max_steps=5).
+
+    Returns:
+        The contents of ``training.json``: steps, final_loss, train_loss, eval_loss, losses, output, ...
+    """
+    import trl
+
+    cfg = project.config.sft
+    persona = project.persona(persona_id)
+    data_dir = project.run_dir / "data" / persona.id
+    out_dir, checkpoints = common.model_dirs(project, persona.id, "sft")
+
+    # Config first: a typo in sft.trl or sft.lora fails before anything is loaded.
+    args = common.build_trl_args(project, "sft", checkpoints, overrides)
+    common.build_lora(project, "sft")
+
+    # Data: TRL's conversational form; meta stays out of the trainer.
+    make_it = "persllm curate CONFIG"
+    train_set = common.read_dataset(data_dir / "sft_train.jsonl", ["messages"], make_it)
+    test_path = data_dir / "sft_test.jsonl"
+    test_set = common.read_dataset(test_path, ["messages"], make_it) if common.has_rows(test_path) else None
+
+    # Model, tokenizer and the stage tokens (mean-initialised embedding rows).
+    base_name = common.base_model_name(project)
+    model, tokenizer = common.load_pretrained(project, base_name)
+    labels = common.stage_labels(project, persona.id)
+    new_ids = common.add_stage_tokens(model, tokenizer, labels)
+    stage_tokens = {label: int(tokenizer.convert_tokens_to_ids(label)) for label in labels}
+
+    # Assistant-only loss needs {% generation %} markers; train with a twin template, serve with the original.
+    serving_template = tokenizer.chat_template
+    if args.assistant_only_loss and not args.chat_template_path:
+        tokenizer.chat_template = common.training_chat_template(project, tokenizer) or serving_template
+
+    # LoRA (embeddings + LM head trained when tokens were added) or full fine-tuning.
+    peft_config = (
+        common.build_lora(project, "sft", model, new_tokens=bool(new_ids)) if cfg.method == "lora" else None
+    )
+
+    # Train, continuing from the last checkpoint when asked.
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=test_set,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    checkpoint = common.checkpoint_to_resume(checkpoints, resume)
+    started = time.time()
+    output = trainer.train(resume_from_checkpoint=checkpoint)
+    eval_metrics = trainer.evaluate() if test_set is not None else {}
+
+    # Save adapter/weights + tokenizer (serving template) + training.json, then record in the manifest.
+    if not args.chat_template_path:
+        tokenizer.chat_template = serving_template
+    info = common.summarise(
+        trainer,
+        output,
+        started,
+        {
+            "persona": persona.id,
+            "stage": "sft",
+            "eval_loss": eval_metrics.get("eval_loss"),
+            "resumed_from": checkpoint,
+            "output": str(out_dir),
+            "method": cfg.method,
+            "base_model": base_name,
+            "adapter_base": "base_model",
+            "stage_tokens": stage_tokens,
+            "added_token_ids": new_ids,
+            "train_rows": len(train_set),
+            "test_rows": len(test_set) if test_set is not None else 0,
+            "config": {
+                "trl": common.trl_kwargs(project, "sft", checkpoints, overrides),
+                "lora": common.lora_kwargs(project, "sft") if cfg.method == "lora" else None,
+                "assistant_only_loss": args.assistant_only_loss,
+            },
+        },
+    )
+    common.save_final(trainer, tokenizer, out_dir, info)
+    if trainer.is_world_process_zero():
+        common.record(project, "train_sft", persona.id, info)
+    return info

@@ -1,0 +1,332 @@
+"""SFT and DPO on the tiny model: loss, weights, stage tokens, margins, resume, config errors, CLI."""
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from persllm.cli import app
+from persllm.config import Project, load_project
+from persllm.cot import split_inline
+from persllm.errors import UserError
+from persllm.jsonl import write_jsonl
+from persllm.train import common, dpo, sft
+from persllm.train.export import load_trained
+
+SYSTEM = "You are Elsie Wren, lighthouse keeper's daughter of Skerrow Point."
+QUESTIONS = [
+    "What is your work?",
+    "What do you do all day?",
+    "Tell me about your job.",
+    "How do you spend a day?",
+]
+ANSWERS = {
+    "<TIME-I>": "<think>\nKeeper years: I tend the lamp.\n</think>\nI keep the light at Skerrow Point.",
+    "<TIME-II>": "<think>\nHarbour years: the wall goes up.\n</think>\nI build the new harbour wall.",
+}
+# Both stage rows start at the same mean vector; ~100 steps pull them apart far enough to steer the answer.
+SFT_TRL = {
+    "max_steps": 100,
+    "learning_rate": 1e-2,
+    "per_device_train_batch_size": 8,
+    "logging_steps": 10,
+    "save_steps": 1000,
+    "max_length": 128,
+}
+DPO_TRL = {
+    "max_steps": 12,
+    "learning_rate": 1e-3,
+    "per_device_train_batch_size": 8,
+    "logging_steps": 1,
+    "beta": 0.1,
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Any:
+    """Tiny models train several times faster on one thread than on an oversubscribed shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def dialogue(label: str, question: str, answer: str | None = None) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"{label} {question}"}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def make_project(root: Path, base_model: Path, sft_trl: dict[str, Any], dpo_trl: dict[str, Any]) -> Path:
+    """A one-persona, two-stage project whose data/ already holds SFT rows and DPO pairs."""
+    for stage in ("keeper", "engineer"):
+        (root / "corpus" / stage).mkdir(parents=True)
+        (root / "corpus" / stage / "facts.md").write_text(f"Elsie works as a {stage}.\n", encoding="utf-8")
+    persona = {
+        "id": "elsie",
+        "name": "Elsie Wren",
+        "stages": [
+            {"id": "keeper", "time": "It is 1889.", "knowledge": ["../corpus/keeper/*.md"]},
+            {"id": "engineer", "time": "It is 1905.", "knowledge": ["../corpus/engineer/*.md"]},
+        ],
+    }
+    (root / "personas").mkdir()
+    (root / "personas" / "elsie.yaml").write_text(yaml.safe_dump(persona), encoding="utf-8")
+    config = {
+        "project": "traintest",
+        "personas": ["personas/elsie.yaml"],
+        "seed": 7,
+        "base_model": {"model": str(base_model)},
+        "sft": {"trl": sft_trl, "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}},
+        "dpo": {"trl": dpo_trl},
+    }
+    (root / "persllm.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    data = root / "runs" / "traintest" / "data" / "elsie"
+    rows, pairs = [], []
+    for index, question in enumerate(QUESTIONS):
+        for stage, (label, answer) in zip(("keeper", "engineer"), ANSWERS.items(), strict=True):
+            meta = {"id": f"{stage}-{index}", "persona": "elsie", "stage": stage, "kind": "ordinary"}
+            rows.append({"messages": dialogue(label, question, answer), "meta": {**meta, "label": label}})
+            other = ANSWERS["<TIME-II>" if label == "<TIME-I>" else "<TIME-I>"]
+            pairs.append(
+                {
+                    "prompt": dialogue(label, question),
+                    "chosen": [{"role": "assistant", "content": answer}],
+                    "rejected": [{"role": "assistant", "content": other}],
+                    "meta": {**meta, "provenance": "cross_stage"},
+                }
+            )
+    write_jsonl(data / "sft_train.jsonl", rows * 3)
+    write_jsonl(data / "sft_test.jsonl", rows[:2])
+    write_jsonl(data / "dpo_train.jsonl", pairs)
+    return root / "persllm.yaml"
+
+
+def greedy_answer(model: Any, tokenizer: Any, label: str, question: str) -> str:
+    batch = tokenizer.apply_chat_template(
+        dialogue(label, question), add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=64, do_sample=False)
+    return tokenizer.decode(out[0][batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Project:
+    """One SFT run through the CLI (``persllm train sft``), then one DPO run through ``dpo.run``."""
+    root = tmp_path_factory.mktemp("trainproj")
+    base = shutil.copytree(tiny_model_dir, root / "base")
+    config = make_project(root, base, SFT_TRL, DPO_TRL)
+    result = CliRunner().invoke(app, ["train", "sft", str(config), "--persona", "elsie"])
+    assert result.exit_code == 0, result.output
+    assert "elsie: sft 100 steps" in result.output and "models/elsie/sft" in result.output
+    project = load_project(config)
+    dpo.run(project, "elsie")
+    return project
+
+
+def sft_dir(project: Project) -> Path:
+    return project.run_dir / "models" / "elsie" / "sft"
+
+
+# --------------------------------------------------------------------------- SFT
+
+
+def test_sft_loss_falls_and_outputs_are_written(trained: Project) -> None:
+    info = json.loads((sft_dir(trained) / "training.json").read_text())
+    losses = [entry["loss"] for entry in info["losses"]]
+    assert info["steps"] == 100 and len(losses) == 10
+    assert losses[-1] < 0.3 * losses[0]
+    assert info["eval_loss"] is not None and info["eval_loss"] < losses[0]
+    assert info["tokens"] > 0 and info["tokens_per_second"] > 0
+    assert info["config"]["trl"]["learning_rate"] == 1e-2 and info["config"]["trl"]["seed"] == 7
+    assert (sft_dir(trained) / "adapter_model.safetensors").exists()
+    manifest = json.loads((trained.run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["train_sft"]["personas"]["elsie"]["steps"] == 100
+
+
+def test_sft_changes_adapter_and_new_token_rows(trained: Project, tiny_model_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(sft_dir(trained) / "adapter_model.safetensors"))
+    lora_b = [tensor for name, tensor in weights.items() if "lora_B" in name]
+    assert lora_b and all(tensor.abs().sum() > 0 for tensor in lora_b)  # LoRA B starts at zero
+    embeddings = [tensor for name, tensor in weights.items() if "embed_tokens" in name]
+    assert len(embeddings) == 1  # tied embeddings stay tied: one trained matrix
+    info = json.loads((sft_dir(trained) / "training.json").read_text())
+    first, second = info["stage_tokens"]["<TIME-I>"], info["stage_tokens"]["<TIME-II>"]
+    # Both rows started at the same mean vector; training pulled them apart.
+    assert not torch.allclose(embeddings[0][first], embeddings[0][second])
+
+
+def test_sft_model_answers_by_stage_token(trained: Project, tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(sft_dir(trained)))
+    for label in ANSWERS:
+        assert len(tokenizer(label, add_special_tokens=False)["input_ids"]) == 1
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(str(tiny_model_dir)).chat_template
+    model, tokenizer = load_trained(trained, "elsie", "sft")
+    for label, answer in ANSWERS.items():
+        _, response = split_inline(greedy_answer(model, tokenizer, label, QUESTIONS[0]))
+        assert response == split_inline(answer)[1]
+
+
+# --------------------------------------------------------------------------- DPO
+
+
+def test_dpo_margin_rises_and_adapter_is_saved(trained: Project) -> None:
+    folder = trained.run_dir / "models" / "elsie" / "dpo"
+    info = json.loads((folder / "training.json").read_text())
+    margins = [entry["margin"] for entry in info["margins"]]
+    assert info["steps"] == 12 and len(margins) == 12
+    assert margins[0] == pytest.approx(0.0, abs=1e-4)  # step 1: policy == reference (the SFT model)
+    assert margins[-1] > margins[0] + 0.1
+    assert (folder / "adapter_model.safetensors").exists() and not (folder / "ref").exists()
+    assert info["adapter_base"] == "base_model" and info["reference"].endswith("models/elsie/sft")
+
+
+def test_dpo_without_sft_model_is_a_user_error(tmp_path: Path, tiny_model_dir: Path) -> None:
+    config = make_project(tmp_path, tiny_model_dir, SFT_TRL, DPO_TRL)
+    with pytest.raises(UserError, match="no SFT model; train it first"):
+        dpo.run(load_project(config), "elsie")
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_continues_global_step(tmp_path: Path, tiny_model_dir: Path) -> None:
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    trl = {**SFT_TRL, "max_steps": 3, "save_steps": 3, "logging_steps": 1}
+    project = load_project(make_project(tmp_path, base, trl, DPO_TRL))
+    first = sft.run(project, "elsie")
+    checkpoints = project.run_dir / "models" / "elsie" / "checkpoints" / "sft"
+    assert first["steps"] == 3 and (checkpoints / "checkpoint-3").is_dir()
+    second = sft.run(project, "elsie", resume=True, max_steps=6)
+    assert second["resumed_from"].endswith("checkpoint-3")
+    # The log history travels with the checkpoint: steps 1-3 as the first run logged them, then 4-6.
+    assert second["steps"] == 6 and [e["step"] for e in second["losses"]] == [1, 2, 3, 4, 5, 6]
+    assert second["losses"][:3] == first["losses"]
+    assert second["tokens"] > first["tokens"] > 0
+    assert (checkpoints / "checkpoint-6").is_dir()
+
+
+# --------------------------------------------------------------------------- units
+
+
+def test_stage_tokens_are_single_ids_with_mean_rows(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    before = model.get_input_embeddings().weight.detach().clone()
+    new_ids = common.add_stage_tokens(model, tokenizer, ["<TIME-I>", "<TIME-II>", "<|im_end|>"])
+    assert new_ids == [before.shape[0], before.shape[0] + 1]  # <|im_end|> already existed
+    after = model.get_input_embeddings().weight
+    assert after.shape[0] == before.shape[0] + 2
+    assert torch.equal(after[: before.shape[0]], before)
+    for token_id in new_ids:
+        assert torch.allclose(after[token_id], before.mean(dim=0))
+    assert model.get_output_embeddings().weight.data_ptr() == after.data_ptr()
+    assert tokenizer("<TIME-II> hi", add_special_tokens=False)["input_ids"][0] == new_ids[1]
+    assert common.add_stage_tokens(model, tokenizer, ["<TIME-I>"]) == []
+
+
+def test_untied_output_rows_get_their_own_mean(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), tie_word_embeddings=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(3.0)
+    head = model.get_output_embeddings().weight.detach().clone()
+    (new_id,) = common.add_stage_tokens(model, tokenizer, ["<TIME-I>"])
+    assert torch.allclose(model.get_output_embeddings().weight[new_id], head.mean(dim=0))
+    assert not torch.allclose(model.get_input_embeddings().weight[new_id], head.mean(dim=0))
+
+
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, "
+    "trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_chatml_without_markers_gets_the_training_twin(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    project = load_project(make_project(tmp_path, tiny_model_dir, SFT_TRL, DPO_TRL))
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    assert common.training_chat_template(project, tokenizer) is None  # the tiny template has markers
+    tokenizer.chat_template = SMOLLM2_TEMPLATE
+    twin = common.training_chat_template(project, tokenizer)
+    assert twin is not None and "{%- generation -%}" in twin
+    for messages in (dialogue("<TIME-I>", "q", "a"), dialogue("<TIME-I>", "q", "a")[1:]):
+        for prompt in (False, True):
+            kwargs = {"tokenize": False, "add_generation_prompt": prompt}
+            assert tokenizer.apply_chat_template(messages, chat_template=twin, **kwargs) == (
+                tokenizer.apply_chat_template(messages, **kwargs)
+            )
+    out = tokenizer.apply_chat_template(
+        dialogue("<TIME-I>", "q", "the answer"),
+        chat_template=twin,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
+    trained_ids = [i for i, keep in zip(out["input_ids"], out["assistant_masks"], strict=True) if keep]
+    assert tokenizer.decode(trained_ids) == "the answer<|im_end|>"
+    tokenizer.chat_template = "{{ messages[0]['content'] }}"
+    with pytest.raises(UserError, match="no training twin"):
+        common.training_chat_template(project, tokenizer)
+
+
+def test_trl_typo_is_a_one_line_user_error(tmp_path: Path, tiny_model_dir: Path) -> None:
+    config = make_project(tmp_path, tiny_model_dir, {"lernin_rate": 1e-4}, DPO_TRL)
+    with pytest.raises(
+        UserError, match=r"sft\.trl\.lernin_rate: unknown TRL SFTConfig argument; did you mean"
+    ):
+        common.validate_trl_blocks(load_project(config))
+    result = CliRunner().invoke(app, ["train", "sft", str(config)])
+    assert result.exit_code != 0 and isinstance(result.exception, UserError)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("dpo.trl.betta", "0.2", r"dpo\.trl\.betta: unknown TRL DPOConfig argument; did you mean 'beta'"),
+        ("sft.lora.rank", "4", r"sft\.lora\.rank: unknown peft LoraConfig argument"),
+        ("sft.trl.output_dir", "x", r"sft\.trl\.output_dir: set by persllm"),
+        ("sft.trl.lr_scheduler_type", "wobbly", r"sft\.trl: .*wobbly"),
+    ],
+)
+def test_bad_trl_and_lora_values_are_user_errors(
+    tmp_path: Path, tiny_model_dir: Path, key: str, value: str, message: str
+) -> None:
+    config = make_project(tmp_path, tiny_model_dir, SFT_TRL, DPO_TRL)
+    with pytest.raises(UserError, match=message):
+        common.validate_trl_blocks(load_project(config, {key: value}))
+
+
+def test_missing_data_is_a_user_error(tmp_path: Path, tiny_model_dir: Path) -> None:
+    project = load_project(make_project(tmp_path, tiny_model_dir, SFT_TRL, DPO_TRL))
+    (project.run_dir / "data" / "elsie" / "sft_train.jsonl").unlink()
+    with pytest.raises(UserError, match=r"sft_train\.jsonl: not found; build it first \(persllm curate"):
+        sft.run(project, "elsie")
+
+
+def test_help_texts_end_with_examples() -> None:
+    runner = CliRunner()
+    for command in (["train"], ["train", "sft"], ["train", "dpo"], ["export"]):
+        result = runner.invoke(app, [*command, "--help"])
+        assert result.exit_code == 0, result.output
+        assert "Example: persllm " in result.output
+    assert "--resume" in runner.invoke(app, ["train", "sft", "--help"]).output
+    assert "--merge" in runner.invoke(app, ["export", "--help"]).output
