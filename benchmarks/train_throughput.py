@@ -3,16 +3,21 @@
 Three ways to batch the same variable-length dialogues (built from the demo corpus, about 50-300 tokens):
 padded batches (TRL's default), padding-free batches (``padding_free=True``: the batch is one flat
 sequence, position ids mark the boundaries), and packed batches (``packing=True``, best-fit decreasing
-into ``max_length`` bins, padding-free as well). Each mode trains one epoch over the same rows in its own
-process, so peak RSS is per mode. Tokens/s counts real (non-padding) tokens: the chat-template length
-of every row, summed, over the trainer's own ``train_runtime``.
+into 512-token bins, padding-free as well). Each mode trains one epoch over the same rows in its own
+process, so peak RSS is per mode. Real tokens are the chat-template lengths of the rows, summed.
 
-Model-FLOPs utilisation uses the usual 6 x parameters x tokens/s (forward + backward) over the CPU's
-peak, measured here as the best fp32 ``torch.mm`` rate at 2048^2 on all threads; the nominal peak of the
-cores (from lscpu) is printed beside it. LoRA skips the frozen weights' gradients, so the 6N count
-overstates the work done by roughly a third: read MFU as "of the full fine-tuning budget".
+This machine is shared, so wall-clock rates swing with other people's load. The trainer's ``train`` call
+is therefore also timed in CPU seconds of this process (``time.process_time``) with torch on
+``--threads`` threads (default 1, so no thread spins waiting for a descheduled sibling): tokens per
+CPU-second measures the work, whoever else is running. Wall-clock tokens/s is reported beside it.
 
-    .venv/bin/python benchmarks/train_throughput.py [--rows 12] [--batch 4] [--repeats 2]
+Model-FLOPs utilisation uses the usual 6 x parameters x tokens (forward + backward) over the peak of the
+same threads, measured here as the best fp32 ``torch.mm`` rate at 2048^2 per CPU-second; the nominal
+peak of one core (lscpu clock x 32 fp32 FLOP/cycle, two 256-bit FMA pipes) is printed beside it. LoRA
+skips the frozen weights' gradients, so 6N overstates the work by roughly a third: read MFU as "of the
+full fine-tuning budget".
+
+    .venv/bin/python benchmarks/train_throughput.py [--rows 8] [--batch 4] [--threads 1] [--repeats 1]
 
 Prints a table and writes benchmarks/out/train_throughput.json.
 """
@@ -28,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +46,8 @@ MODES: dict[str, dict[str, Any]] = {
     "padded": {"padding_free": False, "packing": False},
     "padding_free": {"padding_free": True, "packing": False, "max_length": None},
     # Bins of 512 tokens, two per step: about the tokens of one padding-free step of four rows. Without
-    # FlashAttention's varlen kernel the flattened batch pays full attention over its whole length, so
-    # bigger bins cost quadratically more (1024-token bins x4 measured 0.3x padded and 18 GB).
+    # FlashAttention's varlen kernel a flattened batch pays attention over its whole length, so bigger
+    # bins cost quadratically more (1024-token bins x4 measured 0.3x padded and 18 GB).
     "packed": {
         "packing": True,
         "packing_strategy": "bfd",
@@ -49,6 +55,9 @@ MODES: dict[str, dict[str, Any]] = {
         "per_device_train_batch_size": 2,
     },
 }
+
+
+# --------------------------------------------------------------------------- data
 
 
 def sentences() -> list[str]:
@@ -80,24 +89,39 @@ def build_project(root: Path, rows: int, seed: int = 0) -> Path:
         for index in range(rows):
             label = "<TIME-I>" if index % 2 == 0 else "<TIME-II>"
             answer = " ".join(rng.sample(pool, rng.randint(1, 8)))
-            thought = rng.choice(pool)
             messages = [
                 {"role": "system", "content": "You are a lighthouse keeper on the north coast."},
                 {"role": "user", "content": f"{label} {rng.choice(pool)} What do you make of that?"},
-                {"role": "assistant", "content": f"<think>\n{thought}\n</think>\n{answer}"},
+                {"role": "assistant", "content": f"<think>\n{rng.choice(pool)}\n</think>\n{answer}"},
             ]
             handle.write(json.dumps({"messages": messages, "meta": {"id": str(index)}}) + "\n")
     return root / "persllm.yaml"
 
 
-def worker(config: str, mode: str, batch: int) -> dict[str, Any]:
-    """One training epoch in this process; returns tokens/s and peak RSS."""
+# --------------------------------------------------------------------------- one mode, in its own process
+
+
+def worker(config: str, mode: str, batch: int, threads: int) -> dict[str, Any]:
+    """One training epoch; returns wall and CPU-time throughput and peak RSS."""
+    import torch
+    import trl
     from transformers import AutoTokenizer
 
     from persllm.config import load_project
     from persllm.jsonl import read_jsonl
     from persllm.train import sft
 
+    torch.set_num_threads(threads)
+    timing: dict[str, float] = {}
+    original = trl.SFTTrainer.train
+
+    def timed_train(self: Any, *args: Any, **kwargs: Any) -> Any:
+        cpu, wall = time.process_time(), time.perf_counter()
+        result = original(self, *args, **kwargs)
+        timing.update(cpu=time.process_time() - cpu, wall=time.perf_counter() - wall)
+        return result
+
+    trl.SFTTrainer.train = timed_train  # type: ignore[method-assign]
     project = load_project(config)
     overrides = {
         "num_train_epochs": 1,
@@ -110,137 +134,36 @@ def worker(config: str, mode: str, batch: int) -> dict[str, Any]:
     info = sft.run(project, "bench", **overrides)
     tokenizer = AutoTokenizer.from_pretrained(info["output"])
     rows = read_jsonl(project.run_dir / "data" / "bench" / "sft_train.jsonl")
-    lengths = [
-        len(tokenizer.apply_chat_template(row["messages"], return_dict=True)["input_ids"]) for row in rows
-    ]
-    seconds = info["train_seconds"]
+    lengths = [len(tokenizer.apply_chat_template(r["messages"], return_dict=True)["input_ids"]) for r in rows]
+    real = sum(lengths)
     return {
         "mode": mode,
         "steps": info["steps"],
         "rows": len(rows),
-        "real_tokens": sum(lengths),
-        "padded_tokens": _padded_tokens(lengths, batch) if mode == "padded" else sum(lengths),
+        "real_tokens": real,
+        "computed_tokens": padded_tokens(lengths, batch) if mode == "padded" else real,
         "min_len": min(lengths),
         "max_len": max(lengths),
-        "train_seconds": seconds,
-        "tokens_per_second": sum(lengths) / seconds,
+        "wall_seconds": timing["wall"],
+        "cpu_seconds": timing["cpu"],
+        "tokens_per_second": real / timing["wall"],
+        "tokens_per_cpu_second": real / timing["cpu"],
         "final_loss": info["final_loss"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "torch_threads": _threads(),
+        "torch_threads": threads,
     }
 
 
-def _padded_tokens(lengths: list[int], batch: int) -> int:
-    """Tokens actually computed by padded batches (dataset order, no length grouping)."""
-    return sum(
-        max(lengths[i : i + batch]) * len(lengths[i : i + batch]) for i in range(0, len(lengths), batch)
-    )
+def padded_tokens(lengths: list[int], batch: int) -> int:
+    """Tokens padded batches compute (dataset order, no length grouping)."""
+    chunks = [lengths[i : i + batch] for i in range(0, len(lengths), batch)]
+    return sum(max(chunk) * len(chunk) for chunk in chunks)
 
 
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
-def matmul_peak(size: int = 2048, seconds: float = 4.0) -> float:
-    """Best fp32 GEMM rate over a few seconds, in FLOP/s (the practical peak of these cores)."""
-    import torch
-
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    best, deadline = 0.0, time.time() + seconds
-    torch.mm(a, b)
-    while time.time() < deadline:
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2 * size**3 / (time.perf_counter() - start))
-    return best
-
-
-def nominal_peak() -> tuple[float | None, str]:
-    """Cores x clock x 32 fp32 FLOP/cycle (two 256-bit FMA pipes, as on AMD Zen 4 and recent Intel cores)."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None, "lscpu unavailable"
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    cpus = int(fields.get("CPU(s)", "0").strip() or 0)
-    mhz = fields.get("CPU max MHz") or fields.get("CPU MHz")
-    if mhz is None and "BogoMIPS" in fields:
-        mhz = str(float(fields["BogoMIPS"]) / 2)  # BogoMIPS is twice the clock on x86
-    if not cpus or mhz is None:
-        return None, "clock unknown"
-    model = fields.get("Model name", "?").strip()
-    return cpus * float(mhz) * 1e6 * 32, f"{cpus} x {float(mhz):.0f} MHz x 32 FLOP/cycle ({model})"
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=12, help="Dialogues in the training set.")
-    parser.add_argument("--batch", type=int, default=4, help="Rows per batch (padded and padding-free).")
-    parser.add_argument(
-        "--repeats", type=int, default=2, help="Interleaved rounds; the best run per mode counts."
-    )
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--config", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print("RESULT " + json.dumps(worker(args.config, args.worker, args.batch)))
-        return
-
-    from persllm.llm.bundled import resolve_model
-
-    params = parameters(resolve_model("bundled:smollm2"))
-    nominal, how = nominal_peak()
-    peaks: list[float] = []
-    runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        config = build_project(Path(tmp), args.rows)
-        # Rounds interleave the modes so a burst of load from other processes hits all of them alike.
-        for round_index in range(args.repeats):
-            peaks.append(matmul_peak())
-            for mode in MODES:
-                result = run_worker(config, mode, args.batch)
-                result["round"] = round_index
-                runs.append(result)
-                print(
-                    f"  round {round_index + 1} {mode}: {result['tokens_per_second']:.0f} tokens/s",
-                    file=sys.stderr,
-                )
-    measured = max(peaks)
-    results = [
-        max((r for r in runs if r["mode"] == mode), key=lambda r: r["tokens_per_second"]) for mode in MODES
-    ]
-    for result in results:
-        result["speedup_vs_padded"] = result["tokens_per_second"] / results[0]["tokens_per_second"]
-        result["mfu_measured_peak"] = 6 * params * result["tokens_per_second"] / measured
-        result["mfu_nominal_peak"] = 6 * params * result["tokens_per_second"] / nominal if nominal else None
-    report = {
-        "model": "SmolLM2-135M-Instruct (bundled), LoRA r=16 all-linear + trained embeddings (stage tokens)",
-        "parameters": params,
-        "rows": args.rows,
-        "batch": args.batch,
-        "repeats": args.repeats,
-        "peak_flops_measured": measured,
-        "peak_flops_nominal": nominal,
-        "nominal_peak_from": how,
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "load_average": os.getloadavg(),
-        "python": platform.python_version(),
-        "peaks_measured": peaks,
-        "results": results,
-        "all_runs": runs,
-    }
-    print(table(report))
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {OUT}")
-
-
-def run_worker(config: Path, mode: str, batch: int) -> dict[str, Any]:
+def run_worker(config: Path, mode: str, batch: int, threads: int) -> dict[str, Any]:
     """One mode in a fresh process (its own peak RSS); the result line it prints, parsed."""
-    command = [sys.executable, __file__, "--worker", mode, "--config", str(config), "--batch", str(batch)]
+    command = [sys.executable, __file__, "--worker", mode, "--config", str(config)]
+    command += ["--batch", str(batch), "--threads", str(threads)]
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -254,10 +177,46 @@ def run_worker(config: Path, mode: str, batch: int) -> dict[str, Any]:
     return json.loads(line.removeprefix("RESULT "))
 
 
+# --------------------------------------------------------------------------- peaks
+
+
+def matmul_peak(threads: int, size: int = 2048, seconds: float = 4.0) -> float:
+    """Best fp32 GEMM rate on ``threads`` threads, in FLOP per CPU-second of this process."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best, deadline = 0.0, time.time() + seconds
+    torch.mm(a, b)
+    while time.time() < deadline:
+        start = time.process_time()
+        torch.mm(a, b)
+        spent = time.process_time() - start
+        if spent > 0:
+            best = max(best, 2 * size**3 / spent)
+    return best
+
+
+def nominal_core_peak() -> tuple[float | None, str]:
+    """One core's clock x 32 fp32 FLOP/cycle (two 256-bit FMA pipes, as on AMD Zen 4 and recent Intel)."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None, "lscpu unavailable"
+    fields = {
+        key.strip(): value.strip()
+        for key, value in (ln.split(":", 1) for ln in text.splitlines() if ":" in ln)
+    }
+    mhz = fields.get("CPU max MHz") or fields.get("CPU MHz")
+    if mhz is None and "BogoMIPS" in fields:
+        mhz = str(float(fields["BogoMIPS"]) / 2)  # BogoMIPS is twice the clock on x86
+    if mhz is None:
+        return None, "clock unknown"
+    return float(mhz) * 1e6 * 32, f"{float(mhz):.0f} MHz x 32 FLOP/cycle ({fields.get('Model name', '?')})"
+
+
 def parameters(folder: str) -> int:
     """Parameters stored in the model's safetensors files (tied embeddings counted once)."""
-    from math import prod
-
     from safetensors import safe_open
 
     total = 0
@@ -268,17 +227,31 @@ def parameters(folder: str) -> int:
     return total
 
 
+# --------------------------------------------------------------------------- report
+
+
 def table(report: dict[str, Any]) -> str:
-    columns = ["mode", "steps", "real tok", "computed", "tok/s", "x padded", "MFU", "peak RSS"]
+    columns = [
+        "mode",
+        "steps",
+        "real tok",
+        "computed",
+        "tok/s wall",
+        "tok/CPU-s",
+        "x padded",
+        "MFU",
+        "peak RSS",
+    ]
     rows = [
         [
             r["mode"],
             str(r["steps"]),
             str(r["real_tokens"]),
-            str(r["padded_tokens"]),
+            str(r["computed_tokens"]),
             f"{r['tokens_per_second']:.1f}",
+            f"{r['tokens_per_cpu_second']:.1f}",
             f"{r['speedup_vs_padded']:.2f}",
-            f"{100 * r['mfu_measured_peak']:.1f}%",
+            f"{100 * r['mfu']:.1f}%",
             f"{r['peak_rss_mb']:.0f} MB",
         ]
         for r in report["results"]
@@ -289,17 +262,82 @@ def table(report: dict[str, Any]) -> str:
         for row in [columns, *rows]
     ]
     lines.insert(1, "-" * len(lines[0]))
-    nominal = (report["peak_flops_nominal"] or 0) / 1e9
+    threads = report["threads"]
     lines.append(
-        f"MFU = 6 x {report['parameters'] / 1e6:.1f}M params x tok/s / measured fp32 GEMM peak "
-        f"{report['peak_flops_measured'] / 1e9:.0f} GFLOP/s"
+        f"x padded and MFU use tokens per CPU-second; MFU = 6 x {report['parameters'] / 1e6:.1f}M params x "
+        f"tok/CPU-s / {report['peak_flops'] / 1e9:.1f} GFLOP per CPU-second (best fp32 2048^2 GEMM, "
+        f"{threads} thread{'s' if threads > 1 else ''})"
     )
-    lines.append(f"nominal peak {nominal:.0f} GFLOP/s = {report['nominal_peak_from']}")
+    nominal = report["nominal_core_peak"]
+    if nominal:
+        lines.append(f"nominal one-core peak {nominal / 1e9:.0f} GFLOP/s = {report['nominal_from']}")
     lines.append(
-        f"best of {report['repeats']} interleaved rounds per mode; load average at the end "
-        f"{report['load_average'][0]:.1f} on {report['cores']} cores (the machine is shared)"
+        f"best of {report['repeats']} interleaved round(s) per mode; load average "
+        f"{report['load_average'][0]:.1f} on {report['cores']} shared cores"
     )
     return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=8, help="Dialogues in the training set.")
+    parser.add_argument("--batch", type=int, default=4, help="Rows per batch (padded and padding-free).")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per training process.")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="Interleaved rounds; the best run per mode counts."
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.config, args.worker, args.batch, args.threads)))
+        return
+
+    from persllm.llm.bundled import resolve_model
+
+    params = parameters(resolve_model("bundled:smollm2"))
+    nominal, nominal_from = nominal_core_peak()
+    peaks: list[float] = []
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        config = build_project(Path(tmp), args.rows)
+        # Rounds interleave the modes so a burst of load from other processes hits all of them alike.
+        for round_index in range(args.repeats):
+            peaks.append(matmul_peak(args.threads))
+            for mode in MODES:
+                result = {**run_worker(config, mode, args.batch, args.threads), "round": round_index}
+                runs.append(result)
+                rate = result["tokens_per_cpu_second"]
+                print(f"  round {round_index + 1} {mode}: {rate:.1f} tokens per CPU-second", file=sys.stderr)
+    peak = max(peaks)
+    results = [
+        max((r for r in runs if r["mode"] == m), key=lambda r: r["tokens_per_cpu_second"]) for m in MODES
+    ]
+    for result in results:
+        result["speedup_vs_padded"] = result["tokens_per_cpu_second"] / results[0]["tokens_per_cpu_second"]
+        result["mfu"] = 6 * params * result["tokens_per_cpu_second"] / peak
+    report = {
+        "model": "SmolLM2-135M-Instruct (bundled), LoRA r=16 all-linear + trained embeddings (stage tokens)",
+        "parameters": params,
+        "rows": args.rows,
+        "batch": args.batch,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "peak_flops": peak,
+        "peak_flops_rounds": peaks,
+        "nominal_core_peak": nominal,
+        "nominal_from": nominal_from,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "python": platform.python_version(),
+        "results": results,
+        "all_runs": runs,
+    }
+    print(table(report))
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {OUT}")
 
 
 if __name__ == "__main__":

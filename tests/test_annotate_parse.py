@@ -139,6 +139,9 @@ def test_load_object_skips_braces_that_are_not_objects() -> None:
         ("**Question:** How tall is the tower?", "How tall is the tower?"),
         ("How tall is the tower?\nElsie: Seventy-one feet.", "How tall is the tower?"),
         ("How tall is the tower?\n\nElsie Wren: Seventy-one feet.", "How tall is the tower?"),
+        ('The visitor\'s question is: "How tall is the tower?"', "How tall is the tower?"),
+        ("Visitor says: How tall is the tower?", "How tall is the tower?"),
+        ("Elsie: how tall is the tower, then?", "how tall is the tower, then?"),
     ],
 )
 def test_user_input_cleaning(text: str, expected: str) -> None:

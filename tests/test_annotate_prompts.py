@@ -52,7 +52,7 @@ def test_each_kind_asks_for_its_own_thing() -> None:
     )
     assert "question" in ordinary and "false premise" not in ordinary
     assert "false premise" in misleading and "opinion" in misleading
-    assert "paragraph" in opinion and "strongly conflict" in opinion
+    assert "three to five sentences" in opinion and "strongly conflict" in opinion
     agree = prompts.build_user_input_messages(PERSONA, STAGE, "opinion", SEED, "agree")[1]["content"]
     assert "agree with Ada Thorne" in agree
     with pytest.raises(ValueError):
@@ -107,7 +107,7 @@ def test_follow_up_prompt(kind: str) -> None:
     messages = prompts.build_follow_up_messages(PERSONA, STAGE, kind, TURNS[:2])
     text = messages[1]["content"]
     assert "It is 1890" in text and "User: Did the Heron" in text and "Ada Thorne: Two, never more." in text
-    assert "next message" in text
+    assert "next words" in text
     assert unfilled(messages) == []
     if kind == "misleading":
         assert "astray" in text
@@ -116,7 +116,7 @@ def test_follow_up_prompt(kind: str) -> None:
 def test_render_needs_every_placeholder() -> None:
     with pytest.raises(KeyError, match="name"):
         prompts.render("kind_ordinary")
-    assert prompts.render("kind_ordinary", name="X").startswith("Task:")
+    assert prompts.render("kind_ordinary", name="X").startswith("Write what a curious visitor asks X")
 
 
 def test_language_names() -> None:

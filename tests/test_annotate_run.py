@@ -125,7 +125,7 @@ def annotator_reply(body: dict[str, Any]) -> str:
                 "response": f"I will tell you plainly: the lake decides, not the timetable ({tag}).",
             }
         )
-    if "Write only the user's" in text:
+    if "Write only the visitor's" in text:
         return f'"Captain, is it true the Heron crossed six times a day in winter? ({tag})"'
     if "RESPONSE:" in text:
         return f"**Analysis:** The premise is wrong ({tag}).\n\n**Response:** Twice a day in winter ({tag})."
@@ -179,7 +179,7 @@ def test_structured_output_request_shape_and_time_phrase(project_dir: Path) -> N
         project = load(project_dir, server)
         run(project, progress=False)
         bodies = list(server.requests)
-    inputs = [b for b in bodies if "Write only the user's message" in user_text(b)]
+    inputs = [b for b in bodies if "Write only the visitor's words" in user_text(b)]
     replies = [b for b in bodies if b.get("response_format")]
     assert len(inputs) == 8 and len(replies) == 8 and len(bodies) == 16
     for body in inputs:
@@ -291,7 +291,7 @@ def test_multi_turn_dialogues_have_follow_ups(project_dir: Path) -> None:
         roles = [turn["role"] for turn in row["turns"]]
         assert len(roles) in (4, 6) and roles == ["user", "assistant"] * (len(roles) // 2)
         assert all(turn["analysis"] for turn in row["turns"] if turn["role"] == "assistant")
-    follow_ups = [b for b in bodies if "Write only the user's next message" in user_text(b)]
+    follow_ups = [b for b in bodies if "Write only the visitor's next words" in user_text(b)]
     assert len(follow_ups) == sum(len(r["turns"]) // 2 - 1 for r in rows)
     assert all(
         "The conversation so far" in user_text(b) and "Ada Thorne: " in user_text(b) for b in follow_ups

@@ -93,3 +93,19 @@ def test_export_refuses_a_foreign_folder(project: Project, tmp_path: Path) -> No
     assert (tmp_path / "notes.txt").read_text() == "mine"
     with pytest.raises(UserError, match="use one of sft, dpo"):
         export.run(project, "elsie", tmp_path / "new", variant="rlhf")
+
+
+def test_lora_dpo_on_full_sft_weights_exports(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """sft.method=full, dpo.method=lora: the DPO adapter sits on the SFT weights, and export finds them."""
+    from transformers import AutoModelForCausalLM
+
+    config = make_project(tmp_path, tiny_model_dir, {**SFT_TRL, "max_steps": 2}, {**DPO_TRL, "max_steps": 2})
+    loaded = load_project(config, {"sft.method": "full"})
+    sft.run(loaded, "elsie")
+    info = dpo.run(loaded, "elsie")
+    assert info["adapter_base"] == "sft" and info["config"]["lora"]["r"] == 16
+    out = export.run(loaded, "elsie", tmp_path / "out")
+    assert out["variant"] == "dpo"
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    full_sft = AutoModelForCausalLM.from_pretrained(str(loaded.run_dir / "models" / "elsie" / "sft"))
+    assert merged.get_input_embeddings().weight.shape == full_sft.get_input_embeddings().weight.shape

@@ -29,7 +29,7 @@ def scripted_annotator(body: dict[str, Any]) -> str:
     if "ANALYSIS:" in prompt and "RESPONSE:" in prompt:
         if "1905" in prompt or "mayor" in prompt or "engineer" in prompt:
             return (
-                "ANALYSIS: The user asks about the later years; the record speaks of the council and the loan.\n"
+                "ANALYSIS: The user asks about the later years; the record tells of the council.\n"
                 "RESPONSE: In these later years I argue in the council chamber and I count every penny twice."
             )
         return (
@@ -54,7 +54,10 @@ def write_config(path: Path, base_model: Path, fake_url: str, ordinary: int = 2)
                 "concurrency": 4,
                 "max_retries": 1,
             },
-            "annotate": {"counts": {"ordinary": ordinary, "misleading": 1, "opinion": 1}, "multi_turn_share": 0.0},
+            "annotate": {
+                "counts": {"ordinary": ordinary, "misleading": 1, "opinion": 1},
+                "multi_turn_share": 0.0,
+            },
             "curate": {"min_response_words": 3, "min_analysis_words": 1, "test_fraction": 0.25},
             "pairs": {"min_difference": 0.05},
             "base_model": {"backend": "transformers", "model": str(base_model), "params": {"max_tokens": 12}},
@@ -111,7 +114,9 @@ def test_run_then_skip_then_rerun_from_annotate(pipeline_project: Path, tmp_path
         assert list((run_dir / "stale").glob("annotate-*/annotations/elsie.jsonl"))
 
 
-def test_interrupted_run_resumes(pipeline_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_run_resumes(
+    pipeline_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with FakeOpenAI(default_reply=scripted_annotator) as server:
         write_config(pipeline_project, tmp_path / "base", server.base_url)
         project = load_project(pipeline_project)

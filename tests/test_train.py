@@ -192,6 +192,12 @@ def test_dpo_margin_rises_and_adapter_is_saved(trained: Project) -> None:
     assert info["adapter_base"] == "base_model" and info["reference"].endswith("models/elsie/sft")
 
 
+def test_dpo_refuses_an_sft_adapter_from_another_base_model(trained: Project, tmp_path: Path) -> None:
+    other = load_project(trained.config_path, {"base_model.model": str(tmp_path / "another-model")})
+    with pytest.raises(UserError, match=r"base_model\.model: the SFT adapter .* was trained on"):
+        dpo.run(other, "elsie")
+
+
 def test_dpo_without_sft_model_is_a_user_error(tmp_path: Path, tiny_model_dir: Path) -> None:
     config = make_project(tmp_path, tiny_model_dir, SFT_TRL, DPO_TRL)
     with pytest.raises(UserError, match="no SFT model; train it first"):

@@ -1,5 +1,6 @@
 """Multi-GPU launch files and the ``python -m persllm.train`` entry point that ``accelerate launch`` runs."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -64,25 +65,29 @@ def test_module_entry_point_user_error_exits_2(tmp_path: Path, tiny_model_dir: P
 
 
 @pytest.mark.slow
-def test_accelerate_launch_runs_the_module_on_two_cpu_processes(tmp_path: Path, tiny_model_dir: Path) -> None:
-    """Real DDP (gloo on CPU): both ranks train, only the main one writes the model and prints."""
+def test_accelerate_launch_runs_ddp_on_two_cpu_processes(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Real DDP over gloo: both ranks train, only the main one writes the model and prints."""
+    from transformers import AutoTokenizer
+
+    from persllm.jsonl import read_jsonl
+
     accelerate = Path(sys.executable).with_name("accelerate")
     base = shutil.copytree(tiny_model_dir, tmp_path / "base")
     trl = {**SFT_TRL, "max_steps": 3, "per_device_train_batch_size": 2}
     config = make_project(tmp_path, base, trl, DPO_TRL)
-    command = [
-        str(accelerate),
-        "launch",
-        "--config_file",
-        str(CONFIGS / "ddp.yaml"),
-        "--cpu",
-        "--num_processes",
-        "2",
-    ]
+    # Without GPUs the DDP file still starts two processes (torchrun); persllm's use_cpu default on a
+    # GPU-less machine makes them one gloo process group.
+    command = [str(accelerate), "launch", "--config_file", str(CONFIGS / "ddp.yaml"), "--num_processes", "2"]
     command += ["-m", "persllm.train", "sft", str(config), "--persona", "elsie"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("elsie: sft 3 steps") == 1
     model_dir = tmp_path / "runs" / "traintest" / "models" / "elsie" / "sft"
-    assert (model_dir / "adapter_model.safetensors").exists() and (model_dir / "training.json").exists()
+    assert (model_dir / "adapter_model.safetensors").exists()
+    info = json.loads((model_dir / "training.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    rows = read_jsonl(tmp_path / "runs" / "traintest" / "data" / "elsie" / "sft_train.jsonl")
+    lengths = [len(tokenizer.apply_chat_template(r["messages"], return_dict=True)["input_ids"]) for r in rows]
+    # 3 steps x 2 rows x 2 ranks: more tokens than one process could have seen in 3 steps.
+    assert info["tokens"] >= 12 * min(lengths) > 6 * max(lengths)

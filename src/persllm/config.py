@@ -166,6 +166,10 @@ class ProjectConfig(Section):
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="Direct preference optimisation.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation against baselines.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Chat and the HTTP server.")
+    presets: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Named sets of overrides (dotted keys), chosen with `persllm run --preset NAME`.",
+    )
     converse: ConverseConfig = Field(
         default_factory=ConverseConfig,
         description="Multi-agent conversations: named agents, judge, sampling.",

@@ -97,7 +97,9 @@ def cli_markdown() -> str:
     root = typer.main.get_command(app)
     lines = ["# CLI reference", "", "Generated from `--help` by `python -m persllm.docgen`; do not edit.", ""]
     for path, command in _walk(root, ["persllm"]):
-        context = command.context_class(command, info_name=" ".join(path), terminal_width=100, max_content_width=100)
+        context = command.context_class(
+            command, info_name=" ".join(path), terminal_width=100, max_content_width=100
+        )
         lines += [f"## `{' '.join(path)}`", "", "```text", command.get_help(context).rstrip(), "```", ""]
     return "\n".join(lines)
 

@@ -1,8 +1,8 @@
 """``persllm run``: every stage in order, skipping those whose inputs and resolved config are unchanged.
 
 A stage's fingerprint is a hash of the config sections it reads and of the files the stages before it
-wrote. The manifest keeps, under ``pipeline``, the fingerprint of each stage's last run and its status; a stage whose
-fingerprint matches and whose status is ``done`` is skipped. A stage that was interrupted (status
+wrote. The manifest keeps, under ``pipeline``, the fingerprint of each stage's last run and its status; a
+stage whose fingerprint matches and whose status is ``done`` is skipped. A stage that was interrupted (status
 ``running`` with the same fingerprint) is resumed: annotation skips the records it already has,
 training continues from its last checkpoint. A stage whose fingerprint changed starts clean, with its
 old outputs moved aside (never deleted), and everything after it re-runs only if its outputs change.
@@ -99,7 +99,9 @@ STAGES = [
         ["annotations"],
         _run_annotate,
     ),
-    Stage("curate", ["curate", "embedder", "seed"], ["annotations/*.jsonl"], ["data/*/sft_*.jsonl"], _run_curate),
+    Stage(
+        "curate", ["curate", "embedder", "seed"], ["annotations/*.jsonl"], ["data/*/sft_*.jsonl"], _run_curate
+    ),
     Stage(
         "pairs",
         ["pairs", "annotator", "retrieval", "embedder", "base_model", "seed"],
@@ -107,7 +109,13 @@ STAGES = [
         ["data/*/dpo_train.jsonl"],
         _run_pairs,
     ),
-    Stage("sft", ["sft", "base_model", "seed"], ["data/*/sft_*.jsonl"], ["models/*/sft", "models/*/checkpoints/sft"], _run_sft),
+    Stage(
+        "sft",
+        ["sft", "base_model", "seed"],
+        ["data/*/sft_*.jsonl"],
+        ["models/*/sft", "models/*/checkpoints/sft"],
+        _run_sft,
+    ),
     Stage(
         "dpo",
         ["dpo", "base_model", "seed"],

@@ -102,7 +102,9 @@ def strip_speaker(text: str, speakers: list[str]) -> str:
     if not names:
         return text
     pattern = re.compile(
-        rf"^[*_]*(?:{names})(?:'s (?:message|reply|answer))?[*_]*[ \t]*[:：][*_]*[ \t]*", re.I
+        rf"^[*_]*(?:the )?(?:{names})(?:'s (?:message|reply|answer|question|words))?(?: (?:is|asks|says))?"
+        r"[*_]*[ \t]*[:：][*_]*[ \t]*",
+        re.IGNORECASE,
     )
     return pattern.sub("", text, count=1).strip()
 
@@ -157,10 +159,10 @@ def finish(text: str, truncated: bool) -> str:
 
 def clean_user_input(text: str, persona_name: str, truncated: bool = False) -> str:
     """A generated user message: labels and quotes removed, cut before any invented reply."""
-    body = strip_speaker(
-        strip_preamble(strip_wrapping(text)), ["User", "Question", "Message", "Visitor", "The user"]
-    )
     first_name = persona_name.split()[0] if persona_name.split() else persona_name
+    # A leading persona label is dropped too: "Ada:" alone is an empty message, not a question.
+    speakers = ["User", "Question", "Message", "Visitor", persona_name, first_name]
+    body = strip_wrapping(strip_speaker(strip_preamble(strip_wrapping(text)), speakers))
     body = _cut_at_speaker(body, [persona_name, first_name, "Answer", "Response"])
     body = finish(strip_wrapping(cut_repetition(body)), truncated)
     if not body:

@@ -2,7 +2,7 @@
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from persllm.schema import Section
 
@@ -14,7 +14,7 @@ class LLMConfig(Section):
     )
     model: str = Field(
         "bundled:smollm2",
-        description="Model: a local folder, a hub id, a .gguf file, 'bundled:smollm2', or the served model name.",
+        description="Model: a local folder, a hub id, a .gguf file, 'bundled:smollm2', or a served name.",
     )
     adapter: str | None = Field(None, description="Optional LoRA adapter folder (transformers backend).")
     base_url: str | None = Field(
@@ -39,3 +39,9 @@ class LLMConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Local weights dtype: auto = bfloat16 on GPU, float32 on CPU."
     )
+
+    @field_validator("structured_output", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false; the user meant the string.
+        return "off" if value is False else value

@@ -50,7 +50,11 @@ def device_defaults() -> dict[str, Any]:
 
     if torch.cuda.is_available():
         return {"bf16": torch.cuda.is_bf16_supported(), "gradient_checkpointing": True}
-    return {"bf16": False, "fp16": False, "gradient_checkpointing": False}
+    plain = {"bf16": False, "fp16": False, "gradient_checkpointing": False}
+    if torch.backends.mps.is_available():
+        return plain
+    # use_cpu lets `accelerate launch --num_processes N` join N CPU processes over gloo (real DDP).
+    return {**plain, "use_cpu": True}
 
 
 def trl_kwargs(project: Project, stage: str, output_dir: Path, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -51,9 +51,14 @@ def run(project: Project, persona_id: str, resume: bool = False, **overrides: An
     train_set = common.read_dataset(data_dir / "dpo_train.jsonl", pair_columns, "persllm pairs CONFIG")
 
     # Policy and reference, both from the SFT model; the tokenizer (stage tokens, template) comes with it.
-    policy, ref_model, peft_config, adapter_base = load_policy(project, sft_dir, cfg.method)
-    model, tokenizer = policy
     sft_info = common.read_training_json(sft_dir)
+    trained_on, base_now = sft_info.get("base_model"), common.base_model_name(project)
+    if common.is_adapter(sft_dir) and trained_on and trained_on != base_now:
+        raise UserError(
+            f"{project.config_path}: base_model.model: the SFT adapter in {sft_dir} was trained on "
+            f"{trained_on}, not {base_now}; retrain SFT (persllm train sft) or restore base_model.model"
+        )
+    model, ref_model, peft_config, tokenizer, adapter_base = load_policy(project, sft_dir, cfg.method)
 
     # Train, continuing from the last checkpoint when asked.
     trainer = trl.DPOTrainer(
@@ -93,7 +98,7 @@ def run(project: Project, persona_id: str, resume: bool = False, **overrides: An
             "resumed_from": checkpoint,
             "output": str(out_dir),
             "method": cfg.method,
-            "base_model": sft_info.get("base_model") or common.base_model_name(project),
+            "base_model": trained_on or base_now,
             "adapter_base": adapter_base,
             "reference": str(sft_dir),
             "stage_tokens": sft_info.get("stage_tokens", {}),
@@ -110,36 +115,50 @@ def run(project: Project, persona_id: str, resume: bool = False, **overrides: An
     return info
 
 
-def load_policy(project: Project, sft_dir: Path, method: str) -> tuple[tuple[Any, Any], Any, Any, str]:
-    """((policy, tokenizer), ref_model, peft_config, adapter_base) for the four SFT x DPO method pairs.
+def load_policy(project: Project, sft_dir: Path, method: str) -> tuple[Any, Any, Any, Any, str | None]:
+    """(policy, ref_model, peft_config, tokenizer, adapter_base) for the SFT x DPO method pairs.
 
-    ``adapter_base`` says what a saved DPO adapter sits on: 'base_model' or 'sft' (full SFT weights).
+    ``adapter_base`` says what the saved DPO adapter sits on: 'base_model', 'sft' (full SFT weights),
+    or None when DPO trains every weight.
     """
-    from peft import PeftModel
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(sft_dir))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if common.is_adapter(sft_dir):
-        if method == "lora":
-            # TRL copies this adapter into a frozen "ref" adapter: the reference is exactly the SFT model.
-            base = _base_with_tokens(project, tokenizer)
-            policy = PeftModel.from_pretrained(base, str(sft_dir), is_trainable=True)
-            return (policy, tokenizer), None, None, "base_model"
-        merged = PeftModel.from_pretrained(
-            _base_with_tokens(project, tokenizer), str(sft_dir)
-        ).merge_and_unload()
-        reference = PeftModel.from_pretrained(
-            _base_with_tokens(project, tokenizer), str(sft_dir)
-        ).merge_and_unload()
-        return (merged, tokenizer), reference.eval(), None, "base_model"
-    policy, _ = common.load_pretrained(project, str(sft_dir))
+    if method == "lora" and common.is_adapter(sft_dir):
+        from peft import PeftModel
+
+        # TRL copies this adapter into a frozen "ref" adapter: the reference is exactly the SFT model.
+        policy = PeftModel.from_pretrained(
+            _base_with_tokens(project, tokenizer), str(sft_dir), is_trainable=True
+        )
+        return policy, None, None, tokenizer, "base_model"
     if method == "lora":
-        # A fresh adapter on the SFT weights; with the adapter switched off TRL gets the reference.
-        return (policy, tokenizer), None, common.build_lora(project, "dpo"), "sft"
-    reference, _ = common.load_pretrained(project, str(sft_dir))
-    return (policy, tokenizer), reference.eval(), None, "sft"
+        # A fresh adapter on the full SFT weights; with the adapter switched off TRL gets the reference.
+        return (
+            _sft_weights(project, sft_dir, tokenizer),
+            None,
+            common.build_lora(project, "dpo"),
+            tokenizer,
+            "sft",
+        )
+    # Full DPO: every weight trains against a frozen second copy of the SFT model.
+    policy = _sft_weights(project, sft_dir, tokenizer).requires_grad_(True)
+    reference = _sft_weights(project, sft_dir, tokenizer).eval()
+    return policy, reference, None, tokenizer, None
+
+
+def _sft_weights(project: Project, sft_dir: Path, tokenizer: Any) -> Any:
+    """The SFT model as plain weights: its adapter merged into the base, or the full SFT folder."""
+    if common.is_adapter(sft_dir):
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(
+            _base_with_tokens(project, tokenizer), str(sft_dir)
+        ).merge_and_unload()
+    model, _ = common.load_pretrained(project, str(sft_dir))
+    return model
 
 
 def _base_with_tokens(project: Project, tokenizer: Any) -> Any:
