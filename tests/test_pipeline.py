@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from persllm import pipeline
 from persllm.cli.app import app
+from persllm.cli.run import headline
 from persllm.config import load_project
 from persllm.errors import UserError
 from persllm.jsonl import read_jsonl
@@ -97,6 +98,14 @@ def test_run_then_skip_then_rerun_from_annotate(pipeline_project: Path, tmp_path
         assert (run_dir / "eval" / "metrics.json").exists()
         manifest = load_manifest(run_dir)
         assert all(manifest["pipeline"][name]["status"] == "done" for name in STAGES)
+        summary = {line.split()[0]: line for line in pipeline.format_summary(first).splitlines()}
+        assert "models=2 steps=6 train_loss=" in summary["sft"]  # max_steps 3, two personas
+        assert "models=2 steps=4 " in summary["dpo"]
+        assert "systems=3" in summary["eval"] and "definitions" not in manifest["pipeline"]["eval"]["counts"]
+        table = headline(run_dir / "eval").splitlines()
+        assert table[0] == f"report: {run_dir / 'eval' / 'report.html'}"
+        assert [line.split()[0] for line in table[2:]] == ["prompt", "sft", "sft+dpo", "sft+dpo"]
+        assert table[-1].startswith("sft+dpo - prompt ")
         requests_after_first = len(server.requests)
 
         # Nothing changed: every stage is skipped and no model is called.

@@ -233,8 +233,14 @@ def test_retrieve_many_matches_retrieve_with_one_encoder_call(
         return real(texts, cfg, progress)  # type: ignore[arg-type]
 
     monkeypatch.setattr(encoder, "embed", counting)
+    monkeypatch.setattr(encoder, "_QUERY_VECTORS", type(encoder._QUERY_VECTORS)())
     together = retriever.retrieve_many("kit", "early", queries, seeds)
     assert calls == [5]  # four queries plus the one seed that is not in the stage's index
+    again = Retriever(project_with(config, knowledge=40, style=30)).retrieve_many(
+        "kit", "early", queries, seeds
+    )
+    assert calls == [5]  # every query vector came from the process-wide query cache
+    assert [c.knowledge for c in again] == [c.knowledge for c in together]
     for single, batched in zip(one_by_one, together, strict=True):
         assert [p.id for p in batched.knowledge] == [p.id for p in single.knowledge]
         assert [p.id for p in batched.style] == [p.id for p in single.style]
@@ -242,3 +248,15 @@ def test_retrieve_many_matches_retrieve_with_one_encoder_call(
     assert together[2].query == letter.text and together[3].knowledge[0].id == outsider.id
     with pytest.raises(ValueError, match="2 queries but 1 seeds"):
         retriever.retrieve_many("kit", "early", ["a", "b"], [None])
+
+
+def test_query_cache_matches_encoder_and_stays_bounded(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = project_with(config).config.embedder
+    monkeypatch.setattr(encoder, "_QUERY_VECTORS", type(encoder._QUERY_VECTORS)())
+    monkeypatch.setattr(encoder, "QUERY_CACHE_SIZE", 2)
+    texts = [LAMP, "railway", LAMP]
+    cached = encoder.embed_queries(texts, cfg)
+    np.testing.assert_allclose(cached, encoder.embed(texts, cfg), atol=1e-5)
+    encoder.embed_queries(["harbour board"], cfg)
+    assert [text for _, text in encoder._QUERY_VECTORS] == ["railway", "harbour board"]  # LAMP evicted
+    assert encoder.embed_queries([], cfg).shape == (0, cached.shape[1])

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -319,6 +320,17 @@ def test_bad_trl_and_lora_values_are_user_errors(
     config = make_project(tmp_path, tiny_model_dir, SFT_TRL, DPO_TRL)
     with pytest.raises(UserError, match=message):
         common.validate_trl_blocks(load_project(config, {key: value}))
+
+
+@pytest.mark.parametrize(("trl_block", "expected"), [({}, False), ({"gradient_checkpointing": True}, True)])
+def test_checkpointing_uses_the_current_name_without_a_deprecation_warning(
+    tmp_path: Path, tiny_model_dir: Path, trl_block: dict[str, Any], expected: bool
+) -> None:
+    project = load_project(make_project(tmp_path, tiny_model_dir, {**SFT_TRL, **trl_block}, DPO_TRL))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = common.build_trl_args(project, "sft", tmp_path / "out", {})
+    assert args.activation_checkpointing is expected and args.gradient_checkpointing is expected
 
 
 def test_missing_data_is_a_user_error(tmp_path: Path, tiny_model_dir: Path) -> None:

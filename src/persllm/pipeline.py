@@ -70,24 +70,47 @@ def _run_pairs(project: Project, resume: bool) -> dict[str, Any]:
 def _run_sft(project: Project, resume: bool) -> dict[str, Any]:
     from persllm.train import sft
 
-    return {pid: _summary(sft.run(project, pid, resume=resume)) for pid in project.personas}
+    return training_counts({pid: sft.run(project, pid, resume=resume) for pid in project.personas})
 
 
 def _run_dpo(project: Project, resume: bool) -> dict[str, Any]:
     from persllm.train import dpo
 
-    return {pid: _summary(dpo.run(project, pid, resume=resume)) for pid in project.personas}
+    return training_counts({pid: dpo.run(project, pid, resume=resume) for pid in project.personas})
 
 
 def _run_eval(project: Project, resume: bool) -> dict[str, Any]:
     from persllm import evaluate
 
-    return evaluate.run(project)
+    result = evaluate.run(project)
+    # The metrics themselves live in eval/metrics.json; the manifest keeps what the summary shows.
+    return {**result["counts"], "systems": len(result["systems"])}
 
 
-def _summary(result: dict[str, Any]) -> dict[str, Any]:
-    keep = ("steps", "global_step", "final_loss", "train_loss", "pairs", "records")
-    return {k: v for k, v in result.items() if k in keep}
+def training_counts(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Totals over personas first (what the summary line shows), then each persona's own numbers."""
+    keep = (
+        "steps",
+        "global_step",
+        "final_loss",
+        "train_loss",
+        "eval_loss",
+        "train_seconds",
+        "tokens_per_second",
+    )
+    per_persona = {pid: {k: v for k, v in result.items() if k in keep} for pid, result in results.items()}
+
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in per_persona.values() if isinstance(r.get(key), int | float)]
+        return round(sum(values) / len(values), 4) if values else None
+
+    totals = {
+        "models": len(results),
+        "steps": sum(int(r.get("steps") or 0) for r in per_persona.values()),
+        "train_loss": mean("train_loss"),
+        "tokens_per_second": mean("tokens_per_second"),
+    }
+    return {**{k: v for k, v in totals.items() if v is not None}, "personas": per_persona}
 
 
 STAGES = [
@@ -257,7 +280,9 @@ def format_summary(results: list[StageResult]) -> str:
 def _flat_counts(counts: dict[str, Any], limit: int = 90) -> str:
     parts = []
     for key, value in counts.items():
-        if isinstance(value, int | float | str) and not isinstance(value, bool):
+        if isinstance(value, float):
+            parts.append(f"{key}={value:.4g}")
+        elif isinstance(value, int | str) and not isinstance(value, bool):
             parts.append(f"{key}={value}")
     text = " ".join(parts)
     return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,16 +1,14 @@
 """Command-line interface: thin commands that parse, load the config, call a stage's run, print.
 
-Each module below registers its commands on the shared Typer app.
+Each module imported below registers its commands on the shared Typer app.
 """
 
-from persllm.cli import project  # noqa: F401
+import importlib
+
 from persllm.cli.app import app, main
 
-for _module in ("logs", "annotate", "data", "train", "evaluate", "interact", "run"):
-    try:
-        __import__(f"persllm.cli.{_module}")
-    except ModuleNotFoundError as _exc:  # a command group not written yet
-        if _exc.name != f"persllm.cli.{_module}":
-            raise
+# Registration order is the order of `persllm --help`: set-up, the whole pipeline, each stage, the tools.
+for _module in ("project", "run", "annotate", "data", "train", "evaluate", "interact", "logs"):
+    importlib.import_module(f"persllm.cli.{_module}")
 
 __all__ = ["app", "main"]

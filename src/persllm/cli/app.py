@@ -1,6 +1,8 @@
 """The Typer application and the shared pieces of every command: CONFIG, --set, error handling."""
 
+import os
 import sys
+import warnings
 from typing import Annotated, Any
 
 import typer
@@ -51,6 +53,14 @@ def _root(
 
 def main() -> None:
     """Console entry point: user errors are one line on stderr and exit code 2."""
+    # The libraries' own bars (weight loading, GGUF conversion, dataset maps) bury persllm's progress
+    # lines; set either variable to 0 to see them again.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    # Renames inside transformers that its own callers (peft, trl) have not caught up with yet.
+    warnings.filterwarnings(
+        "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
     import persllm.cli  # noqa: F401  (registers the commands)
 
     try:

@@ -53,27 +53,47 @@ def run_command(
     )
 
 
+HEADLINE_KEYS = (
+    "bleu",
+    "rouge_l",
+    "intra_bleu",
+    "inter_bleu",
+    "persona_acc",
+    "style_fidelity",
+    "anachronism_rate",
+)
+
+
 def headline(eval_dir: Path) -> str:
-    """The report path and a few overall metrics per system, personified against the prompt baseline."""
+    """The report path, a few overall metrics per system, and the personified model minus the baseline."""
     metrics_path = eval_dir / "metrics.json"
     if not metrics_path.exists():
         return "no evaluation yet (run with --to eval)"
-    systems = json.loads(metrics_path.read_text(encoding="utf-8")).get("systems", {})
-    keys = (
-        "bleu",
-        "rouge_l",
-        "intra_bleu",
-        "inter_bleu",
-        "persona_acc",
-        "style_fidelity",
-        "anachronism_rate",
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    overall = {name: data.get("overall", {}) for name, data in metrics.get("systems", {}).items()}
+    rows = [(name, [values.get(k) for k in HEADLINE_KEYS], False) for name, values in overall.items()]
+    baseline = metrics.get("settings", {}).get("baseline", "prompt")
+    personified = next((name for name in ("sft+dpo", "sft") if name in overall), None)
+    if baseline in overall and personified is not None:
+        best, base = overall[personified], overall[baseline]
+        deltas = [
+            best[k] - base[k] if all(isinstance(d.get(k), int | float) for d in (best, base)) else None
+            for k in HEADLINE_KEYS
+        ]
+        rows.append((f"{personified} - {baseline}", deltas, True))
+    first = max(len(name) for name, _, _ in [("system", [], False), *rows]) + 2
+    widths = [max(len(k), 7) + 2 for k in HEADLINE_KEYS]
+    lines = [f"report: {eval_dir / 'report.html'}"]
+    lines.append(
+        f"{'system':<{first}}" + "".join(f"{k:>{w}}" for k, w in zip(HEADLINE_KEYS, widths, strict=True))
     )
-    lines = [f"report: {eval_dir / 'report.html'}", "system    " + "  ".join(f"{k:>16}" for k in keys)]
-    for name, data in systems.items():
-        overall = data.get("overall", {})
-        cells = [overall.get(k) for k in keys]
-        lines.append(
-            f"{name:<10}"
-            + "  ".join(f"{c:>16.3f}" if isinstance(c, float | int) else f"{'-':>16}" for c in cells)
-        )
+    for name, values, signed in rows:
+        cells = (_cell(v, w, signed) for v, w in zip(values, widths, strict=True))
+        lines.append(f"{name:<{first}}" + "".join(cells))
     return "\n".join(lines)
+
+
+def _cell(value: object, width: int, signed: bool) -> str:
+    if not isinstance(value, int | float):
+        return f"{'-':>{width}}"
+    return f"{value:>+{width}.3f}" if signed else f"{value:>{width}.3f}"

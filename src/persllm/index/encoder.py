@@ -5,6 +5,7 @@ curation dedup, evaluation) shares one instance.
 """
 
 import threading
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,6 +19,9 @@ if TYPE_CHECKING:
 
 _ENCODERS: dict[tuple[str, str], "SentenceTransformer"] = {}
 _LOCK = threading.Lock()
+QUERY_CACHE_SIZE = 16384  # 384-d vectors: about 25 MB
+_QUERY_VECTORS: "OrderedDict[tuple[str, str], np.ndarray]" = OrderedDict()
+_QUERY_LOCK = threading.Lock()
 
 
 def get_encoder(cfg: EmbedderConfig) -> "SentenceTransformer":
@@ -35,6 +39,7 @@ def _load(cfg: EmbedderConfig) -> "SentenceTransformer":
 
     location = resolve_model(cfg.model)
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
@@ -46,7 +51,8 @@ def _load(cfg: EmbedderConfig) -> "SentenceTransformer":
             "use 'bundled:minilm', a local sentence-transformers folder or a cached hub id"
         ) from None
     finally:
-        hf_logging.enable_progress_bar()
+        if bars:
+            hf_logging.enable_progress_bar()
         hf_logging.set_verbosity(verbosity)
 
 
@@ -81,6 +87,37 @@ def embed(texts: list[str], cfg: EmbedderConfig, progress: bool = False) -> np.n
     if bar is not None:
         bar.close()
     return out
+
+
+def embed_queries(texts: list[str], cfg: EmbedderConfig) -> np.ndarray:
+    """``embed`` with a process-wide LRU of the last ``QUERY_CACHE_SIZE`` texts.
+
+    Retrieval queries repeat: a resumed or re-run annotation replays the same user inputs from the
+    call cache, and evaluation retrieves for the same test inputs once per system.
+    """
+    keys = [(cfg.model, text) for text in texts]
+    with _QUERY_LOCK:
+        known = {key: _QUERY_VECTORS[key] for key in keys if key in _QUERY_VECTORS}
+        for key in known:
+            _QUERY_VECTORS.move_to_end(key)
+    missing = list(dict.fromkeys(text for key, text in zip(keys, texts, strict=True) if key not in known))
+    if missing:
+        fresh = embed(missing, cfg)
+        with _QUERY_LOCK:
+            for text, vector in zip(missing, fresh, strict=True):
+                known[(cfg.model, text)] = vector
+                _QUERY_VECTORS[(cfg.model, text)] = vector
+            while len(_QUERY_VECTORS) > QUERY_CACHE_SIZE:
+                _QUERY_VECTORS.popitem(last=False)
+    if not texts:
+        return np.zeros((0, dimension(cfg)), dtype=np.float32)
+    return np.stack([known[key] for key in keys])
+
+
+def clear_query_cache() -> None:
+    """Forget every cached query vector (benchmarks time the encoder, not the cache)."""
+    with _QUERY_LOCK:
+        _QUERY_VECTORS.clear()
 
 
 def _encode(encoder: "SentenceTransformer", texts: list[str], batch_size: int) -> np.ndarray:

@@ -122,7 +122,7 @@ class Retriever:
             raise UserError("retrieve: the query is empty and there is no seed; give a query text")
         # Seeds found in the index reuse their stored vector; others are embedded with the queries.
         outside = [c.text for c in chunks if c is not None and c.id not in pools[c.kind].positions]
-        vectors = encoder.embed(texts + outside, self.project.config.embedder)
+        vectors = encoder.embed_queries(texts + outside, self.project.config.embedder)
         budgets = {
             "knowledge": self.project.config.retrieval.knowledge_words,
             "style": self.project.config.retrieval.style_words,

@@ -111,7 +111,7 @@ class TransformersBackend:
         # An adapter trained with added tokens (the stage labels) ships its own, larger tokenizer.
         sizes = [len(self._adapter_tokenizer(path) or tokenizer) for path in self._adapters.values()]
         if max(sizes, default=0) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(max(sizes))
+            model.resize_token_embeddings(max(sizes), mean_resizing=False)  # the adapter brings the rows
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer

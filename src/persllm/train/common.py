@@ -49,8 +49,8 @@ def device_defaults() -> dict[str, Any]:
     import torch
 
     if torch.cuda.is_available():
-        return {"bf16": torch.cuda.is_bf16_supported(), "gradient_checkpointing": True}
-    plain = {"bf16": False, "fp16": False, "gradient_checkpointing": False}
+        return {"bf16": torch.cuda.is_bf16_supported(), "activation_checkpointing": True}
+    plain = {"bf16": False, "fp16": False, "activation_checkpointing": False}
     if torch.backends.mps.is_available():
         return plain
     # use_cpu lets `accelerate launch --num_processes N` join N CPU processes over gloo (real DDP).
@@ -61,6 +61,9 @@ def trl_kwargs(project: Project, stage: str, output_dir: Path, overrides: dict[s
     """persllm defaults < device defaults < the ``trl:`` block < ``overrides``; output_dir is ours."""
     block = getattr(project.config, stage)
     user = {**block.trl, **overrides}
+    # transformers 5 renamed gradient checkpointing; the old name in a trl: block still means what it says.
+    if "gradient_checkpointing" in user:
+        user.setdefault("activation_checkpointing", user.pop("gradient_checkpointing"))
     for key in RESERVED_TRL_KEYS:
         if key in user:
             raise UserError(
