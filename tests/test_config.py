@@ -166,6 +166,36 @@ def test_precedence_defaults_then_yaml_then_set(project: Path) -> None:
     assert flagged.config.seed == 11
 
 
+def test_preset_sits_between_yaml_and_set(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    edit(
+        "persllm.yaml",
+        lambda t: (
+            t + "presets:\n  big: {seed: 8, retrieval.style_words: 900, annotate.counts: {ordinary: 9}}\n"
+        ),
+    )(project)
+    big = load(str(project), [], preset="big")
+    assert (big.config.seed, big.config.retrieval.style_words) == (8, 900)
+    assert big.config.annotate.counts.ordinary == 9
+    assert load(str(project), ["seed=5"], preset="big").config.seed == 5  # --set beats the preset
+    assert load(str(project)).config.seed == 7  # a preset applies only when named
+    monkeypatch.setattr(sys, "argv", ["persllm", "run", str(project), "--preset", "huge"])
+    with pytest.raises(SystemExit) as caught:
+        main()
+    assert caught.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {project}: presets: no preset 'huge' (known: big); add it or fix the name"
+    )
+
+
+def test_demo_presets_are_valid() -> None:
+    demo = Path(__file__).resolve().parent.parent / "examples" / "demo" / "persllm.yaml"
+    default, large = load_project(demo), load_project(demo, preset="large")
+    assert large.config.annotate.counts.ordinary == 10 * default.config.annotate.counts.ordinary
+    assert large.config.sft.trl["num_train_epochs"] > default.config.sft.trl["num_train_epochs"]
+
+
 def test_bad_set_option_is_a_user_error(project: Path) -> None:
     with pytest.raises(UserError, match=r"--set 'seed': expected KEY=VALUE"):
         load(str(project), ["seed"])

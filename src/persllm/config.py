@@ -225,12 +225,25 @@ def expand_globs(patterns: list[str], base: Path) -> list[Path]:
 # --------------------------------------------------------------------------- loading
 
 
-def load_project(path: str | Path, overrides: dict[str, Any] | None = None) -> Project:
-    """Load and validate ``persllm.yaml`` and every persona it names."""
+def load_project(
+    path: str | Path, overrides: dict[str, Any] | None = None, preset: str | None = None
+) -> Project:
+    """Load and validate ``persllm.yaml`` and every persona it names.
+
+    Precedence: defaults < the YAML < the named ``preset`` from its ``presets:`` block < ``overrides``.
+    """
     config_path = Path(path)
     if config_path.is_dir():
         config_path = config_path / "persllm.yaml"
     raw = read_yaml(config_path)
+    if preset is not None:
+        presets = raw.get("presets") or {}
+        if not isinstance(presets, dict) or not isinstance(presets.get(preset), dict):
+            known = ", ".join(presets) if isinstance(presets, dict) and presets else "none defined"
+            raise UserError(
+                f"{config_path}: presets: no preset {preset!r} (known: {known}); add it or fix the name"
+            )
+        overrides = {**presets[preset], **(overrides or {})}
     for key, value in (overrides or {}).items():
         if value is not None:
             set_dotted(raw, key, value)

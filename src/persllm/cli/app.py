@@ -27,13 +27,13 @@ SetOption = Annotated[
 ]
 
 
-def load(config: str, set_options: list[str] | None = None, **flags: Any) -> Any:
-    """Load the project with precedence defaults < YAML < --set < dedicated flags."""
+def load(config: str, set_options: list[str] | None = None, preset: str | None = None, **flags: Any) -> Any:
+    """Load the project with precedence defaults < YAML < preset < --set < dedicated flags."""
     from persllm.config import load_project, parse_set_options
 
     overrides = parse_set_options(set_options)
     overrides.update({key: value for key, value in flags.items() if value is not None})
-    return load_project(config, overrides)
+    return load_project(config, overrides, preset)
 
 
 def _version(value: bool) -> None:

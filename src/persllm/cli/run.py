@@ -7,7 +7,6 @@ from typing import Annotated
 import typer
 
 from persllm.cli.app import ConfigArg, SetOption, app, load
-from persllm.errors import UserError
 
 
 @app.command("run")
@@ -30,16 +29,7 @@ def run_command(
     """
     from persllm import pipeline
 
-    project = load(config, set_options)
-    if preset is not None:
-        presets = project.config.presets
-        if preset not in presets:
-            known = ", ".join(presets) or "none defined"
-            raise UserError(
-                f"{project.config_path}: presets: no preset {preset!r} (known: {known}); add it or fix it"
-            )
-        overrides = [f"{key}={value}" for key, value in presets[preset].items()]
-        project = load(config, [*overrides, *(set_options or [])])
+    project = load(config, set_options, preset=preset)
     results = pipeline.run(
         project, start, stop, on_stage=lambda name, status: typer.echo(f"[{name}] {status}", err=True)
     )
