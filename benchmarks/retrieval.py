@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from persllm.config import Project
-from persllm.index.retrieve import Pool, Retriever, fill, load_stage, piece_of
+from persllm.index.retrieve import Context, Pool, Retriever, fill, load_stage, piece_of
 from persllm.persona.corpus import Chunk, split_sentences
 
 Query = tuple[str, str, str, Chunk]
@@ -81,6 +81,16 @@ def style_pool(project: Project, persona: str, stage: str) -> Pool:
     chunks, matrix = load_stage(project, persona, stage)
     rows = [i for i, chunk in enumerate(chunks) if chunk.kind == "style"]
     return Pool([chunks[i] for i in rows], matrix[rows], np.array([chunks[i].words for i in rows]))
+
+
+def timed_retrievals(retriever: Retriever, queries: list[Query]) -> tuple[list[float], list[Context]]:
+    """Milliseconds of each ``retriever.retrieve`` call, and the contexts it returned."""
+    latencies, contexts = [], []
+    for persona, stage, text, seed in queries:
+        began = time.perf_counter()
+        contexts.append(retriever.retrieve(persona, stage, text, seed=seed))
+        latencies.append((time.perf_counter() - began) * 1000)
+    return latencies, contexts
 
 
 def breakdown(
@@ -164,17 +174,9 @@ def main() -> int:
             retriever.retrieve(persona, stage, text, seed=seed)
         # Time new queries: the query-vector cache would otherwise answer every one of them.
         encoder.clear_query_cache()
-        latencies, ours = [], []
-        for persona, stage, text, seed in queries:
-            began = time.perf_counter()
-            context = retriever.retrieve(persona, stage, text, seed=seed)
-            latencies.append((time.perf_counter() - began) * 1000)
-            ours.append([piece.id for piece in context.style])
-        repeated = []
-        for persona, stage, text, seed in queries:  # now every query vector is cached
-            began = time.perf_counter()
-            retriever.retrieve(persona, stage, text, seed=seed)
-            repeated.append((time.perf_counter() - began) * 1000)
+        latencies, contexts = timed_retrievals(retriever, queries)
+        ours = [[piece.id for piece in context.style] for context in contexts]
+        repeated, _ = timed_retrievals(retriever, queries)  # now every query vector is cached
         encode_ms, select_ms = breakdown(retriever, project, queries)
 
         # The same queries the reference's way (a new encoder per query).

@@ -95,6 +95,8 @@ def embed_queries(texts: list[str], cfg: EmbedderConfig) -> np.ndarray:
     Retrieval queries repeat: a resumed or re-run annotation replays the same user inputs from the
     call cache, and evaluation retrieves for the same test inputs once per system.
     """
+    if not texts:
+        return np.zeros((0, dimension(cfg)), dtype=np.float32)
     keys = [(cfg.model, text) for text in texts]
     with _QUERY_LOCK:
         known = {key: _QUERY_VECTORS[key] for key in keys if key in _QUERY_VECTORS}
@@ -109,8 +111,6 @@ def embed_queries(texts: list[str], cfg: EmbedderConfig) -> np.ndarray:
                 _QUERY_VECTORS[(cfg.model, text)] = vector
             while len(_QUERY_VECTORS) > QUERY_CACHE_SIZE:
                 _QUERY_VECTORS.popitem(last=False)
-    if not texts:
-        return np.zeros((0, dimension(cfg)), dtype=np.float32)
     return np.stack([known[key] for key in keys])
 
 
