@@ -15,7 +15,15 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
-BENCHMARKS = ["retrieval", "annotate_throughput", "dedup", "train_throughput", "generation", "serve"]
+BENCHMARKS = [
+    "retrieval",
+    "annotate_throughput",
+    "dedup",
+    "train_throughput",
+    "generation",
+    "serve",
+    "personification",  # --size small here (about 35 minutes); --size full by hand, at most 2 hours
+]
 
 
 def machine() -> str:

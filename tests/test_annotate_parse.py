@@ -202,3 +202,24 @@ def test_repetition_loops_are_cut() -> None:
     assert clean_response(looping, NAME) == "The Pirate was sold to a merchant. It sank."
     assert cut_repetition("No. No. No. I said no to him.") == "No. No. No. I said no to him."
     assert strip_preamble("Certainly. Why now?") == "Why now?"
+
+
+def test_parse_topic_takes_the_phrase_out_of_what_a_small_model_says() -> None:
+    from persllm.annotate.parse import parse_topic
+
+    said = 'The topic of this text is "The Board\'s response to the matter of women keepers."'
+    assert parse_topic(said) == "the Board's response to the matter of women keepers"
+    assert parse_topic('This text is about the topic of "On trimming."') == "trimming"
+    assert parse_topic("Fishing boats and the harbour") == "fishing boats and the harbour"
+    for useless in ('The topic of this text is "The topic of this text is "', "", "What is the question?"):
+        with pytest.raises(Malformed):
+            parse_topic(useless)
+
+
+def test_topic_questions_are_questions_about_the_topic() -> None:
+    from persllm.annotate.parse import QUESTION_TEMPLATES, topic_question
+
+    for kind, templates in QUESTION_TEMPLATES.items():
+        asked = {topic_question("the harbour dues", kind, i / len(templates)) for i in range(len(templates))}
+        assert len(asked) == len(templates)
+        assert all("the harbour dues" in q and q.endswith("?") for q in asked)

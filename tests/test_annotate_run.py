@@ -150,7 +150,18 @@ def test_records_have_the_schema_and_parsed_replies(project_dir: Path) -> None:
     assert result["status"] == "done" and result["failed"] == {"ordinary": 0, "misleading": 0, "opinion": 0}
     assert sorted(r["kind"] for r in rows) == ["misleading"] * 2 + ["opinion"] * 2 + ["ordinary"] * 4
     for row in rows:
-        assert set(row) == {"id", "persona", "stage", "kind", "seed", "turns", "context", "annotator"}
+        assert set(row) == {
+            "id",
+            "persona",
+            "stage",
+            "kind",
+            "seed",
+            "turns",
+            "context",
+            "annotator",
+            "reply",
+        }
+        assert row["reply"] == {"source": "annotator"}
         assert row["persona"] == "ada" and row["stage"] in ("mate", "master")
         assert set(row["seed"]) == {"source", "ref", "text"} and row["seed"]["ref"].startswith("corpus/")
         assert row["seed"]["source"] in ("knowledge", "style")

@@ -136,7 +136,12 @@ def test_the_cli_evaluates_the_base_model_and_the_adapters(tmp_path: Path, tiny_
     out = project.run_dir / "eval"
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert list(metrics["systems"]) == ["prompt", "rag", "sft"]
-    assert metrics["counts"] == {"items": 4, "generations": 3 * 4 * 2}
+    assert metrics["counts"] == {
+        "items": 4,
+        "golden_items": 4,
+        "heldout_items": 0,
+        "generations": 3 * 4 * 2,
+    }
     assert metrics["settings"]["params"] == {"temperature": 0.8, "max_tokens": 12}
     for data in metrics["systems"].values():
         overall = data["overall"]

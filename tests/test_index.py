@@ -79,7 +79,8 @@ def test_run_writes_aligned_index_files_and_manifest(project: Path) -> None:
     assert result["chunks"] == 8 and result["embedded"] == 6 and result["reused"] == 2  # RAIL twice
     rows = {(row["persona"], row["stage"]): row for row in result["stages"]}
     assert rows["kit", "sea"] == {
-        "persona": "kit", "stage": "sea", "chunks": 4, "knowledge": 3, "style": 1, "embedded": 4, "reused": 0
+        "persona": "kit", "stage": "sea", "chunks": 4, "knowledge": 3, "style": 1, "embedded": 4, "reused": 0,
+        "heldout": 0,
     }  # fmt: skip
     # The same two RAIL paragraphs appear in two stages: embedded once, reused by the second stage.
     assert rows["kit", "rail"]["embedded"] + rows["moss", "only"]["embedded"] == 2

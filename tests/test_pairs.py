@@ -288,3 +288,15 @@ def test_cli_pairs_prints_counts_and_help(tmp_path: Path) -> None:
     assert counts["elsie"][-1] == str(len(dpo_rows(project, "elsie")))
     help_text = runner.invoke(app, ["pairs", "--help"]).output
     assert "Example:" in help_text and "persllm pairs" in help_text
+
+
+def test_cosine_bounds_tolerate_float_rounding() -> None:
+    from persllm.curate.dedup import dedup
+
+    # Float32 rounding puts a word-for-word repeat at a cosine of 1 + a few 1e-7, either side of 1.0.
+    query = np.array([[0.6, 0.8]], dtype=np.float32)
+    over = np.array([[0.6000001, 0.8000001]], dtype=np.float32)
+    assert float((query @ over.T)[0, 0]) > 1.0
+    assert nearest_in_range(query, over, 0.0, 1.0)[0].tolist() == [0]
+    assert nearest_in_range(query, over, 0.0, 0.99)[0].tolist() == [-1]
+    assert dedup(np.concatenate([query, over]), 1.0).tolist() == [True, False]

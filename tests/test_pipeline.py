@@ -2,6 +2,7 @@
 annotation setting re-runs from annotate onward and nothing before, and an interrupted run resumes."""
 
 import itertools
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -104,8 +105,13 @@ def test_run_then_skip_then_rerun_from_annotate(pipeline_project: Path, tmp_path
         assert "systems=3" in summary["eval"] and "definitions" not in manifest["pipeline"]["eval"]["counts"]
         table = headline(run_dir / "eval").splitlines()
         assert table[0] == f"report: {run_dir / 'eval' / 'report.html'}"
-        assert [line.split()[0] for line in table[2:]] == ["prompt", "sft", "sft+dpo", "sft+dpo"]
-        assert table[-1].startswith("sft+dpo - prompt ")
+        # No held-out own words in this small corpus: only the annotator-golden set, metrics as rows.
+        assert table[2].startswith("annotator-golden (the paper's setting): ")
+        assert table[3].split() == ["metric", "prompt", "sft", "sft+dpo", "sft+dpo", "-", "prompt"]
+        rows = {line.split()[0]: line for line in table[4:]}
+        assert {"bleu", "rouge_l", "style_fidelity", "persona_acc"} <= set(rows)
+        # Each cell is a value with its interval; the last is the signed difference to the baseline.
+        assert re.search(r"[+-]\d+\.\d+ \[[+-]\d+\.\d+, [+-]\d+\.\d+\]( \*)?$", rows["rouge_l"])
         requests_after_first = len(server.requests)
 
         # Nothing changed: every stage is skipped and no model is called.

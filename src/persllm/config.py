@@ -138,6 +138,27 @@ class CorpusConfig(Section):
     )
 
 
+class HoldoutConfig(Section):
+    share: float = Field(
+        0.15,
+        ge=0,
+        lt=1,
+        description="Share of each stage's style passages (own words) set aside for evaluation; 0 = none.",
+    )
+    min_passages: int = Field(2, ge=1, description="Fewest passages held out per stage (when share > 0).")
+    max_passages: int | None = Field(
+        None, ge=1, description="Most passages held out per stage; none = no cap."
+    )
+    min_train: int = Field(
+        3, ge=1, description="Fewest style passages a stage must keep for training after the split."
+    )
+    min_words: int = Field(12, ge=1, description="Shortest passage that may be held out (words).")
+    strict: bool = Field(
+        False,
+        description="A stage with too few style passages for the split is an error (exit 2), not a warning.",
+    )
+
+
 class RetrievalConfig(Section):
     knowledge_words: int = Field(1500, ge=0, description="Word budget of the knowledge context.")
     style_words: int = Field(500, ge=0, description="Word budget of the style context.")
@@ -154,6 +175,10 @@ class ProjectConfig(Section):
     seed: int = Field(42, description="Seed for sampling, splits and training.")
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig, description="Sentence encoder.")
     corpus: CorpusConfig = Field(default_factory=CorpusConfig, description="Corpus chunking.")
+    holdout: HoldoutConfig = Field(
+        default_factory=HoldoutConfig,
+        description="Own words held out before indexing: evaluation references only, never training data.",
+    )
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig, description="Context budgets.")
     annotator: LLMConfig = Field(default_factory=LLMConfig, description="The LLM that writes the dialogues.")
     annotate: AnnotateConfig = Field(

@@ -114,11 +114,17 @@ def training_counts(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 STAGES = [
-    Stage("index", ["embedder", "corpus"], [], ["index/*/*/chunks.jsonl"], _run_index),
+    Stage(
+        "index",
+        ["embedder", "corpus", "holdout", "seed"],
+        [],
+        ["index/*/*/chunks.jsonl", "index/*/*/heldout.jsonl"],
+        _run_index,
+    ),
     Stage(
         "annotate",
         ["annotator", "annotate", "retrieval", "seed"],
-        ["index/*/*/chunks.jsonl"],
+        ["index/*/*/chunks.jsonl", "index/*/*/heldout.jsonl"],
         ["annotations"],
         _run_annotate,
     ),
@@ -149,7 +155,12 @@ STAGES = [
     Stage(
         "eval",
         ["eval", "base_model", "retrieval", "embedder", "seed"],
-        ["data/*/sft_test.jsonl", "models/*/*/*.safetensors"],
+        [
+            "data/*/sft_test.jsonl",
+            "annotations/heldout/*.jsonl",
+            "index/*/*/heldout.jsonl",
+            "models/*/*/*.safetensors",
+        ],
         ["eval"],
         _run_eval,
     ),

@@ -18,6 +18,8 @@ from persllm.annotate.parse import (
     clean_user_input,
     parse_delimited_reply,
     parse_json_reply,
+    parse_topic,
+    topic_question,
 )
 from persllm.annotate.plan import STANCE_ORDER, Item, unit
 from persllm.annotate.retrieval import RetrievalQueue
@@ -25,10 +27,11 @@ from persllm.config import PersonaConfig, Project, StageConfig
 from persllm.errors import UserError
 from persllm.index.retrieve import Context, Retriever
 from persllm.llm.base import ChatBackend, Completion
-from persllm.persona.corpus import Chunk
+from persllm.persona.corpus import Chunk, reply_cut
 
 T = TypeVar("T")
 TAG = "annotate"
+TOPIC_TOKENS = 32  # a topic is a short phrase; a longer answer is the model rambling
 
 
 @dataclass
@@ -193,11 +196,75 @@ class Annotator:
 
         return await self._retry(attempt)
 
+    async def back_question(
+        self, persona_id: str, stage_id: str, kind: str, passage: str, n_sample: int = 0
+    ) -> str:
+        """The user turn that ``passage`` (the person's own words) answers: a question or an opinion.
+
+        With ``annotate.question_style`` ``topic`` the annotator only names the passage's topic and a
+        template turns it into the user turn (see ``parse.topic_question``).
+        """
+        persona, stage = self._spec(persona_id, stage_id)
+        style = self.cfg.resolved_question_style(self.project.config.annotator.model)
+        if style == "topic":
+            messages = prompts.build_back_topic_messages(passage)
+        else:
+            messages = prompts.build_back_question_messages(persona, stage, kind, passage)
+
+        async def attempt(number: int, _mode: str) -> str:
+            extra = {"max_tokens": TOPIC_TOKENS} if style == "topic" else None
+            completion = await self._call(messages, sample_number(n_sample, number), extra)
+            if style == "topic":
+                pick = unit(f"{passage}:{kind}:{n_sample}:template")
+                return topic_question(parse_topic(completion.text), kind, pick)
+            return clean_user_input(completion.text, persona.name, completion.finish_reason == "length")
+
+        return await self._retry(attempt)
+
+    async def own_words_analysis(
+        self, persona_id: str, stage_id: str, question: str, reply: str, n_sample: int = 0
+    ) -> str:
+        """Short private notes leading from ``question`` to the person's own ``reply``."""
+        persona, stage = self._spec(persona_id, stage_id)
+        messages = prompts.build_own_words_analysis_messages(persona, stage, question, reply)
+
+        async def attempt(number: int, _mode: str) -> str:
+            completion = await self._call(messages, sample_number(n_sample, number))
+            return clean_analysis(completion.text, completion.finish_reason == "length")
+
+        return await self._retry(attempt)
+
+    async def own_words(self, item: Item) -> dict[str, Any] | None:
+        """The record of an own-words or held-out item: a back-written user turn, the passage as the reply.
+
+        Held-out items get no analysis (they are evaluation references); own-words items get one when
+        ``annotate.own_words_analysis`` is on. None when the question stayed malformed.
+        """
+        reply = reply_cut(item.seed.text, self.cfg.own_words_max_words)
+        try:
+            question = await self.back_question(
+                item.persona, item.stage, item.kind, item.seed.text, item.index
+            )
+            analysis = ""
+            if item.source == "own_words" and self.cfg.own_words_analysis:
+                analysis = await self.own_words_analysis(
+                    item.persona, item.stage, question, reply, item.index
+                )
+        except Malformed:
+            return None
+        turns = [
+            {"role": "user", "content": question},
+            {"role": "assistant", "analysis": analysis, "content": reply},
+        ]
+        return self.record(item, turns, Context(item.persona, item.stage, question), ["own_words"])
+
     async def dialogue(self, item: Item) -> dict[str, Any] | None:
         """One annotation record for ``item``, or None when its opening exchange stayed malformed.
 
         A follow-up that stays malformed ends the dialogue early: the exchanges before it are kept.
         """
+        if item.source != "annotator":
+            return await self.own_words(item)
         try:
             first = await self.user_input(
                 item.persona, item.stage, item.kind, item.seed, item.index, item.stance
@@ -236,6 +303,7 @@ class Annotator:
             "kind": item.kind,
             "seed": {"source": item.seed.kind, "ref": item.seed.ref, "text": item.seed.text},
             "turns": turns,
+            "reply": self.reply_source(item),
             "context": {"knowledge": context.knowledge_text(), "style": context.style_text()},
             "annotator": {
                 "backend": self.backend.name,
@@ -244,6 +312,14 @@ class Annotator:
                 "output": "+".join(outputs),
             },
         }
+
+    def reply_source(self, item: Item) -> dict[str, str]:
+        """Where the record's reply came from; own words also say their passage and how the question was
+        written (``question`` by the annotator, or ``topic`` + template)."""
+        if item.source == "annotator":
+            return {"source": "annotator"}
+        style = self.cfg.resolved_question_style(self.project.config.annotator.model)
+        return {"source": item.source, "ref": item.seed.ref, "question": style}
 
     # ------------------------------------------------------------------ helpers
 

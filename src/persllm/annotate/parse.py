@@ -276,3 +276,55 @@ def parse_delimited_reply(text: str, persona_name: str, truncated: bool = False)
     analysis = body[after : response_label.start()]
     response = _cut_at_label(body[response_label.end() :], ("analysis", "response"))
     return clean_analysis(analysis, cut_reply=False), clean_response(response, persona_name, truncated)
+
+
+# --------------------------------------------------------------------------- back-written questions
+
+_QUOTED = re.compile(r"[\"“«]([^\"”»\n]{3,80})[\"”»]")
+_TOPIC_LEAD = re.compile(
+    r"^(?:.*?\b(?:topic|subject)\b[^:\"“]*?(?:\bis\b|:)|.*?\bis about\b|.*?\babout\b)\s*(?:the topic of\s*)?",
+    re.IGNORECASE,
+)
+_TOPIC_WORDS = re.compile(r"\b(?:topic|text|question|passage|answer|author|writer)\b", re.IGNORECASE)
+MAX_TOPIC_WORDS = 16
+
+
+def parse_topic(text: str) -> str:
+    """The noun phrase a model gave as a passage's topic ('The topic of this text is "X."' -> 'X').
+
+    Raises ``Malformed`` (``unparseable``) when no usable phrase is left: too short, too long, or still
+    about the text rather than its subject.
+    """
+    body = strip_wrapping(text).strip()
+    quoted = _QUOTED.search(body)
+    topic = quoted.group(1) if quoted else _TOPIC_LEAD.sub("", body.split("\n")[0], count=1)
+    topic = re.split(r"(?<=[^.]{3})[.!?;](?:\s|$)", topic.strip())[0]
+    topic = topic.strip(" \t.,;:!?\"'“”‘’*")
+    topic = re.sub(r"^(?:the topic of|on|about|regarding)\s+", "", topic, flags=re.IGNORECASE).strip()
+    if topic.lower().startswith("the "):
+        topic = "the " + topic[4:]
+    words = topic.split()
+    if not 1 <= len(words) <= MAX_TOPIC_WORDS or _TOPIC_WORDS.search(topic) or debris(topic):
+        raise Malformed("unparseable", f"no topic phrase in {body[:60]!r}")
+    return topic[0].lower() + topic[1:] if words[0][1:].islower() and words[0] not in ("I",) else topic
+
+
+QUESTION_TEMPLATES = {
+    "ordinary": (
+        "What can you tell me about {topic}?",
+        "What do you make of {topic}?",
+        "Would you tell me what you think of {topic}?",
+        "How do you see {topic}?",
+    ),
+    "opinion": (
+        "If you ask me, {topic} is more trouble than it is worth. What do you think?",
+        "I have always thought {topic} matters more than people admit. Do you agree?",
+        "People say too much fuss is made about {topic}. Are they right?",
+    ),
+}
+
+
+def topic_question(topic: str, kind: str, pick: float) -> str:
+    """A user turn about ``topic`` from the ``kind``'s templates; ``pick`` in [0, 1) chooses one."""
+    choices = QUESTION_TEMPLATES[kind]
+    return choices[int(pick * len(choices))].format(topic=topic)

@@ -204,3 +204,38 @@ def build_response_messages(
     )
     chat = [{"role": turn["role"], "content": turn["content"]} for turn in turns]
     return [{"role": "system", "content": system}, *chat]
+
+
+# --------------------------------------------------------------------------- own words
+
+
+def build_back_question_messages(
+    persona: PersonaConfig, stage: StageConfig, kind: str, passage: str
+) -> Messages:
+    """Messages asking for the user turn that ``passage`` (the person's own words) answers.
+
+    ``kind`` is ``ordinary`` (a question) or ``opinion`` (the visitor's view, which the passage answers).
+    """
+    if kind not in ("ordinary", "opinion"):
+        raise ValueError(f"own-words dialogues are 'ordinary' or 'opinion', not {kind!r}")
+    values = persona_values(persona, stage)
+    task = render(f"back_kind_{kind}", name=persona.name)
+    user = render("back_question", **values, passage=passage.strip(), task=task)
+    return [{"role": "system", "content": render("system", **values)}, {"role": "user", "content": user}]
+
+
+def build_own_words_analysis_messages(
+    persona: PersonaConfig, stage: StageConfig, question: str, reply: str
+) -> Messages:
+    """Messages asking for the private notes that lead from ``question`` to the person's own ``reply``."""
+    values = persona_values(persona, stage)
+    user = render("own_words_analysis", **values, question=question.strip(), reply=reply.strip())
+    return [
+        {"role": "system", "content": render("reply_system", **values)},
+        {"role": "user", "content": user},
+    ]
+
+
+def build_back_topic_messages(passage: str) -> Messages:
+    """Messages asking only for the topic of ``passage``: what a very small annotator can still do well."""
+    return [{"role": "user", "content": render("back_topic", passage=passage.strip())}]

@@ -19,14 +19,15 @@ from typing import Any
 
 from persllm.annotate import prompts
 from persllm.annotate.engine import Annotator, Stats, attempt_modes
-from persllm.annotate.plan import KINDS, Item, plan_items
+from persllm.annotate.plan import KINDS, Item, plan_heldout, plan_items
 from persllm.config import Project
 from persllm.errors import UserError
 from persllm.hashing import stable_hash
-from persllm.index.retrieve import Retriever
+from persllm.index.retrieve import Retriever, load_heldout
 from persllm.jsonl import JsonlAppender, read_jsonl
 from persllm.llm.base import LLMError
 from persllm.manifest import record_stage
+from persllm.persona.corpus import reply_cut
 
 # Abort (re-raising the error) when this many dialogues in a row failed on model errors: the
 # server is down or misconfigured, and every further item would only wait through its retries.
@@ -60,18 +61,25 @@ def run(
     selected = select_stages(project, persona_ids, stages)
     retriever = Retriever(project)
 
-    # Plan every item deterministically; a limit takes the first ones.
+    # Plan every item deterministically (training dialogues, then the held-out passages' questions);
+    # a limit takes the first ones.
     plan = plan_items(project, lambda p, s: retriever.chunks(p, s), persona_ids, selected)
+    if cfg.annotate.heldout_questions:
+        plan += plan_heldout(project, lambda p, s: load_heldout(project, p, s), persona_ids, selected)
     items = plan[:limit] if limit is not None else plan
     if dry_run:
         return dry_run_prompts(project, retriever, items)
 
     # Skip what earlier runs wrote.
     folder = project.run_dir / "annotations"
-    written = {pid: existing_ids(folder / f"{pid}.jsonl") for pid in persona_ids}
+    written = {pid: existing_ids(folder, pid) for pid in persona_ids}
     todo = [item for item in items if item.id not in written[item.persona]]
     size = concurrency or cfg.annotator.concurrency
-    summary: dict[str, Any] = {"planned": len(items), "skipped": len(items) - len(todo)}
+    summary: dict[str, Any] = {
+        "planned": len(items),
+        "skipped": len(items) - len(todo),
+        "sources": dict(Counter(item.source for item in items)),
+    }
     tally = Tally()
     annotator = make_annotator(project, retriever, size) if todo else None
 
@@ -85,7 +93,7 @@ def run(
         status = "finished"
     finally:
         # Record the stage in the manifest, whatever happened.
-        written = {pid: existing_ids(folder / f"{pid}.jsonl") for pid in persona_ids}
+        written = {pid: existing_ids(folder, pid) for pid in persona_ids}
         if status == "finished":
             status = "done" if all(item.id in written[item.persona] for item in plan) else "partial"
         summary.update(tally.counts(annotator), seconds=round(time.perf_counter() - started, 3))
@@ -99,7 +107,8 @@ def run(
                 key: summary[key]
                 for key in ("planned", "done", "skipped", "failed", "errors", "calls", "seconds")
             },
-            records={pid: len(ids) for pid, ids in written.items()},
+            records={pid: len(read_jsonl(folder / f"{pid}.jsonl")) for pid in persona_ids},
+            heldout_records={pid: len(read_jsonl(heldout_path(folder, pid))) for pid in persona_ids},
         )
     summary["status"] = status
     summary["items_per_second"] = round(summary["done"] / max(summary["seconds"], 1e-9), 3)
@@ -141,9 +150,7 @@ async def annotate_all(
     from tqdm.auto import tqdm
 
     slots = asyncio.Semaphore(concurrency)
-    appenders = {
-        persona: JsonlAppender(folder / f"{persona}.jsonl") for persona in {i.persona for i in items}
-    }
+    appenders = {path: JsonlAppender(path) for path in {record_path(folder, item) for item in items}}
     # One writer thread: each fsync'd append leaves the event loop free, and lines never interleave.
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="annotate-writer")
     loop = asyncio.get_running_loop()
@@ -164,7 +171,7 @@ async def annotate_all(
                 bar.update(1)
                 return
         if record is not None:
-            await loop.run_in_executor(writer, appenders[item.persona].append, record)
+            await loop.run_in_executor(writer, appenders[record_path(folder, item)].append, record)
             tally.done += 1
         else:
             tally.failed[item.kind] += 1
@@ -212,8 +219,21 @@ def select_stages(project: Project, persona_ids: list[str], stages: list[str] | 
     return selected
 
 
-def existing_ids(path: Path) -> set[str]:
-    return {str(row.get("id")) for row in read_jsonl(path)}
+def heldout_path(folder: Path, persona_id: str) -> Path:
+    """Where the held-out passages' questions go: apart from the training dialogues, which curate reads."""
+    return folder / "heldout" / f"{persona_id}.jsonl"
+
+
+def record_path(folder: Path, item: Item) -> Path:
+    return (
+        heldout_path(folder, item.persona) if item.source == "heldout" else folder / f"{item.persona}.jsonl"
+    )
+
+
+def existing_ids(folder: Path, persona_id: str) -> set[str]:
+    """Ids of the records a persona already has, training dialogues and held-out questions."""
+    paths = (folder / f"{persona_id}.jsonl", heldout_path(folder, persona_id))
+    return {str(row.get("id")) for path in paths for row in read_jsonl(path)}
 
 
 def input_hash(project: Project, persona_ids: list[str]) -> str:
@@ -263,6 +283,8 @@ def dry_run_prompts(project: Project, retriever: Retriever, items: list[Item]) -
     stage = persona.stage(item.stage)
     json_ok = cfg.annotator.backend == "openai" and cfg.annotator.structured_output != "off"
     mode = attempt_modes(cfg.annotate.output, 1, json_ok)[0]
+    if item.source != "annotator":
+        return dry_run_own_words(project, item, len(items))
     turns = [{"role": "user", "content": DRY_RUN_USER}]
     context = retriever.retrieve(item.persona, item.stage, item.seed.text, item.seed)
     knowledge, style = context.knowledge_text(), context.style_text()
@@ -295,4 +317,32 @@ def dry_run_prompts(project: Project, retriever: Retriever, items: list[Item]) -
         },
         "messages": messages,
         "planned": len(items),
+    }
+
+
+def dry_run_own_words(project: Project, item: Item, planned: int) -> dict[str, Any]:
+    """The prompts of an own-words or held-out item: the back-written question (and its analysis)."""
+    cfg = project.config.annotate
+    persona = project.persona(item.persona)
+    stage = persona.stage(item.stage)
+    messages = {
+        "back_question": prompts.build_back_question_messages(persona, stage, item.kind, item.seed.text)
+    }
+    if item.source == "own_words" and cfg.own_words_analysis:
+        reply = reply_cut(item.seed.text, cfg.own_words_max_words)
+        messages["analysis"] = prompts.build_own_words_analysis_messages(persona, stage, DRY_RUN_USER, reply)
+    return {
+        "dry_run": True,
+        "item": {
+            "id": item.id,
+            "persona": item.persona,
+            "stage": item.stage,
+            "kind": item.kind,
+            "seed": item.seed.ref,
+            "source": item.source,
+        },
+        "output": "own_words",
+        "params": dict(project.config.annotator.params),
+        "messages": messages,
+        "planned": planned,
     }

@@ -85,6 +85,9 @@ def print_summary(result: dict[str, Any], folder: str) -> None:
         f"({result['cached_calls']} from cache), {sum(result['tokens'].values())} tokens, "
         f"{result['seconds']:.1f}s -> {folder}"
     )
+    sources = ", ".join(f"{name} {count}" for name, count in result.get("sources", {}).items())
+    if sources:
+        typer.echo(f"planned by where the reply comes from: {sources}")
     if result["malformed"]:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(result["malformed"].items()))
         typer.echo(f"malformed outputs retried or dropped: {reasons}")

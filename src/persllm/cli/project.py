@@ -68,19 +68,23 @@ def index(
 ) -> None:
     """Chunk every persona stage's corpus and embed it; unchanged paragraphs are never embedded twice.
 
+    First a seeded share of each stage's style passages (holdout.share) is set aside as held-out
+    evaluation references: they are not indexed, so nothing can retrieve or train on them.
+
     Example: persllm index my-persona/persllm.yaml --persona wren
     """
     from persllm.index import run
 
     project = load(config, set_options)
     result = run(project, personas=persona or None, progress=sys.stderr.isatty())
-    columns = ["persona", "stage", "chunks", "knowledge", "style", "embedded", "reused"]
+    columns = ["persona", "stage", "chunks", "knowledge", "style", "heldout", "embedded", "reused"]
     totals = {key: sum(row[key] for row in result["stages"]) for key in columns[2:]}
     rows = [*result["stages"], {"persona": "total", "stage": "", **totals}]
     typer.echo(table(columns, rows))
     typer.echo(
         f"index written to {project.run_dir / 'index'} "
-        f"({result['embedded']} chunks embedded, {result['reused']} reused, {result['seconds']:.1f} s)"
+        f"({result['embedded']} chunks embedded, {result['reused']} reused, "
+        f"{result['heldout']} style passages held out, {result['seconds']:.1f} s)"
     )
 
 

@@ -43,47 +43,43 @@ def run_command(
     )
 
 
-HEADLINE_KEYS = (
-    "bleu",
-    "rouge_l",
-    "intra_bleu",
-    "inter_bleu",
-    "persona_acc",
-    "style_fidelity",
-    "anachronism_rate",
-)
+HEADLINE_KEYS = ("bleu", "rouge_l", "style_fidelity", "persona_acc", "stage_acc", "anachronism_rate")
+SETS = (("heldout", "held-out real words"), ("overall", "annotator-golden (the paper's setting)"))
 
 
 def headline(eval_dir: Path) -> str:
-    """The report path, a few overall metrics per system, and the personified model minus the baseline."""
+    """The report path and, per evaluation set, every system's headline metrics with 95% intervals and
+    the personified model minus the baseline (``*``: the interval excludes 0)."""
+    from persllm.evaluate.report import fmt_estimate
+
     metrics_path = eval_dir / "metrics.json"
     if not metrics_path.exists():
         return "no evaluation yet (run with --to eval)"
     metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-    overall = {name: data.get("overall", {}) for name, data in metrics.get("systems", {}).items()}
-    rows = [(name, [values.get(k) for k in HEADLINE_KEYS], False) for name, values in overall.items()]
+    systems = metrics.get("systems", {})
     baseline = metrics.get("settings", {}).get("baseline", "prompt")
-    personified = next((name for name in ("sft+dpo", "sft") if name in overall), None)
-    if baseline in overall and personified is not None:
-        best, base = overall[personified], overall[baseline]
-        deltas = [
-            best[k] - base[k] if all(isinstance(d.get(k), int | float) for d in (best, base)) else None
-            for k in HEADLINE_KEYS
-        ]
-        rows.append((f"{personified} - {baseline}", deltas, True))
-    first = max(len(name) for name, _, _ in [("system", [], False), *rows]) + 2
-    widths = [max(len(k), 7) + 2 for k in HEADLINE_KEYS]
     lines = [f"report: {eval_dir / 'report.html'}"]
-    lines.append(
-        f"{'system':<{first}}" + "".join(f"{k:>{w}}" for k, w in zip(HEADLINE_KEYS, widths, strict=True))
-    )
-    for name, values, signed in rows:
-        cells = (_cell(v, w, signed) for v, w in zip(values, widths, strict=True))
-        lines.append(f"{name:<{first}}" + "".join(cells))
+    for key, title in SETS:
+        names = [name for name, data in systems.items() if key in data]
+        if not names:
+            continue
+        personified = next((name for name in ("sft+dpo", "sft") if name in names), None)
+        difference = metrics.get("differences", {}).get(key, {}).get(personified or "", {})
+        header = [*names, f"{personified} - {baseline}"] if difference else names
+        table = [["metric", *header]]
+        for metric in HEADLINE_KEYS:
+            cells = [fmt_estimate(systems[name].get(f"{key}_ci", {}).get(metric)) for name in names]
+            if difference:
+                estimate = difference.get(metric)
+                mark = " *" if estimate and estimate.get("excludes_zero") else ""
+                cells.append(fmt_estimate(estimate, signed=True) + mark)
+            if any(cell != "–" for cell in cells):
+                table.append([metric, *cells])
+        n_items = metrics.get("counts", {}).get("heldout_items" if key == "heldout" else "golden_items")
+        lines.append(f"\n{title}: {n_items} items, 95% paired bootstrap intervals (* excludes 0)")
+        widths = [max(len(row[i]) for row in table) + 2 for i in range(len(table[0]))]
+        lines += [
+            "".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            for row in table
+        ]
     return "\n".join(lines)
-
-
-def _cell(value: object, width: int, signed: bool) -> str:
-    if not isinstance(value, int | float):
-        return f"{'-':>{width}}"
-    return f"{value:>+{width}.3f}" if signed else f"{value:>{width}.3f}"

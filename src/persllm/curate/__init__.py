@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from persllm.curate.filters import check_record
+from persllm.curate.filters import check_record, reply_source
 from persllm.curate.format import sft_row, system_prompt
 from persllm.curate.split import read_general, split_records, training_mix
 from persllm.curate.stats import CurateCounts, update_stats
@@ -16,6 +16,8 @@ from persllm.errors import UserError
 from persllm.jsonl import read_jsonl, write_jsonl
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from persllm.config import PersonaConfig, Project
 
 __all__ = ["annotations_path", "data_dir", "load_annotations", "run", "stage_fingerprint", "system_prompt"]
@@ -63,18 +65,28 @@ def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]
             else:
                 valid.append({**record, "persona": persona_id, "kind": kind})
 
-        # Near-duplicate inputs within the persona, across stages: the first in priority order survives.
+        # Back-written questions must be on the passage's topic; then near-duplicate inputs within the
+        # persona, across stages: the first in priority order survives.
         valid.sort(key=lambda r: priority(r, persona))
         unique = valid
         if valid:
             vectors = embed([r["turns"][0]["content"] for r in valid], project.config.embedder)
-            keep = dedup(vectors, cfg.dedup_threshold)
+            on_topic = topical(valid, vectors, cfg.question_similarity_min, project)
+            for record in (r for r, ok in zip(valid, on_topic, strict=True) if not ok):
+                counts.add(record["stage"], record["kind"], "off_topic")
+            valid = [r for r, ok in zip(valid, on_topic, strict=True) if ok]
+            keep = dedup(vectors[on_topic], cfg.dedup_threshold)
             unique = [r for r, kept in zip(valid, keep, strict=True) if kept]
             for record, kept in zip(valid, keep, strict=True):
                 counts.add(record["stage"], record["kind"], "kept" if kept else "duplicate")
 
-        # Split the deduplicated records (stratified by stage and kind), then render and mix.
-        train, test = split_records(unique, cfg.test_fraction, seed)
+        # Split the deduplicated records (stratified by stage and kind; own words always train, their
+        # test is the held-out passages), then render and mix.
+        own = [r for r in unique if reply_source(r) == "own_words"]
+        train, test = split_records(
+            [r for r in unique if reply_source(r) != "own_words"], cfg.test_fraction, seed
+        )
+        train += own
         for side, side_records in (("train", train), ("test", test)):
             for record in side_records:
                 counts.add(record["stage"], record["kind"], side)
@@ -109,6 +121,24 @@ def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]
         counts=totals,
     )
     return {**totals, "personas": summary}
+
+
+def topical(
+    records: list[dict[str, Any]], questions: "np.ndarray", minimum: float, project: "Project"
+) -> "np.ndarray":
+    """Keep mask: False for own-words records whose question-passage cosine is below ``minimum``."""
+    import numpy as np
+
+    from persllm.curate.dedup import COSINE_TOLERANCE
+    from persllm.index.encoder import embed
+
+    mask = np.ones(len(records), dtype=bool)
+    own = [i for i, r in enumerate(records) if reply_source(r) == "own_words"]
+    if own:
+        passages = embed([records[i]["turns"][1]["content"] for i in own], project.config.embedder)
+        cosines = np.sum(questions[own] * passages, axis=1)
+        mask[own] = cosines >= minimum - COSINE_TOLERANCE
+    return mask
 
 
 def annotations_path(project: "Project", persona_id: str) -> Path:

@@ -17,6 +17,20 @@ class CurateConfig(Section):
         le=1,
         description="Drop a response when at least this share of its distinct words echo the user input.",
     )
+    question_copy_max: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Own-words records: drop one whose question takes at least this share of its word "
+        "4-grams from the passage (a copy, not a question).",
+    )
+    question_similarity_min: float = Field(
+        0.25,
+        ge=-1,
+        le=1,
+        description="Own-words records: drop one whose question's embedding cosine with the passage is "
+        "below this (off topic).",
+    )
     dedup_threshold: float = Field(
         0.95,
         gt=0,

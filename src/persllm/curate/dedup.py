@@ -13,13 +13,18 @@ import numpy.typing as npt
 FloatArray = npt.NDArray[np.float32]
 BoolArray = npt.NDArray[np.bool_]
 
+# A float32 cosine of two unit vectors is off by up to a few 1e-7 (a word-for-word repeat can come out as
+# 1.0000001): every bound on a cosine is compared with this much slack, so 1.0 means "identical".
+COSINE_TOLERANCE = 1e-5
+
 
 def dedup(embeddings: npt.ArrayLike, threshold: float, block_size: int = 2048) -> BoolArray:
     """Keep mask of ``embeddings`` (one row per item, in priority order).
 
     Args:
         embeddings: ``[n, d]`` vectors; normalised here, so any non-zero scale is fine.
-        threshold: items whose cosine with an earlier kept item is at least this are dropped.
+        threshold: items whose cosine with an earlier kept item is at least this (within
+            ``COSINE_TOLERANCE``) are dropped.
         block_size: items compared per matrix product; bounds memory at about
             ``block_size * 16384 * 4`` bytes for the similarity block.
 
@@ -58,7 +63,7 @@ def near_any(block: FloatArray, others: FloatArray, threshold: float, chunk: int
     hit = np.zeros(len(block), dtype=bool)
     for start in range(0, len(others), chunk):
         sims = block @ others[start : start + chunk].T
-        hit |= (sims >= threshold).any(axis=1)
+        hit |= (sims >= threshold - COSINE_TOLERANCE).any(axis=1)
     return hit
 
 
@@ -69,7 +74,9 @@ def greedy_within(block: FloatArray, candidate: BoolArray, threshold: float) -> 
     if len(index) < 2:
         return keep
     rows = block[index]
-    earlier = np.tril(rows @ rows.T >= threshold, k=-1)  # earlier[i, j]: j comes before i and is near it
+    earlier = np.tril(
+        rows @ rows.T >= threshold - COSINE_TOLERANCE, k=-1
+    )  # earlier[i, j]: j comes before i and is near it
     local = np.ones(len(index), dtype=bool)
     for i in np.flatnonzero(earlier.any(axis=1)):  # only items with a near neighbour earlier in the block
         local[i] = not (earlier[i, :i] & local[:i]).any()

@@ -9,9 +9,20 @@ from typing import Any
 
 from persllm.curate.config import CurateConfig
 
-# The order in which records are checked; "duplicate" (dedup) runs afterwards on the survivors.
-CHECKS = ("malformed", "unknown_stage", "empty", "short_response", "long_response", "short_analysis", "echo")
-REMOVALS = (*CHECKS, "duplicate")
+# The order in which records are checked; "off_topic" (own-words questions, by embedding) and
+# "duplicate" (dedup) run afterwards on the survivors.
+CHECKS = (
+    "malformed",
+    "unknown_stage",
+    "empty",
+    "short_response",
+    "long_response",
+    "short_analysis",
+    "echo",
+    "not_question",
+    "copies_passage",
+)
+REMOVALS = (*CHECKS, "off_topic", "duplicate")
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -33,6 +44,23 @@ def echo_share(user: str, response: str) -> float:
     """Share of the response's distinct words that the user input already contains (1.0: pure echo)."""
     said, answered = set(words(user)), set(words(response))
     return len(answered & said) / len(answered) if answered else 1.0
+
+
+def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    tokens = words(text)
+    return {tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)}
+
+
+def copied_share(question: str, passage: str, n: int = 4) -> float:
+    """Share of the question's word ``n``-grams found in the passage (1.0: copied from it)."""
+    asked = ngrams(question, n)
+    return len(asked & ngrams(passage, n)) / len(asked) if asked else 0.0
+
+
+def reply_source(record: dict[str, Any]) -> str:
+    """Where the reply came from: ``own_words``, else ``annotator`` (also records older than the field)."""
+    reply = record.get("reply")
+    return str(reply.get("source", "annotator")) if isinstance(reply, dict) else "annotator"
 
 
 def exchanges(turns: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -60,17 +88,20 @@ def check_record(record: dict[str, Any], cfg: CurateConfig, stages: set[str] | N
     """The name of the first check ``record`` fails (one of ``CHECKS``), or None if it passes them all.
 
     ``stages``: the persona's stage ids; a record of a stage since removed from the persona is dropped.
+    An analysis is required only when the training data shows it (``cot: inline``). Own-words records
+    are also checked as back-written questions: a question, not a copy of the passage.
     """
     if not is_well_formed(record):
         return "malformed"
     if stages is not None and record["stage"] not in stages:
         return "unknown_stage"
     pairs = exchanges(record["turns"])
+    needs_analysis = cfg.cot == "inline"
     for user, reply in pairs:
         if (
             not user["content"].strip()
             or not reply["content"].strip()
-            or not reply.get("analysis", "").strip()
+            or (needs_analysis and not reply.get("analysis", "").strip())
         ):
             return "empty"
     for _, reply in pairs:
@@ -80,9 +111,15 @@ def check_record(record: dict[str, Any], cfg: CurateConfig, stages: set[str] | N
         if len(words(reply["content"])) > cfg.max_response_words:
             return "long_response"
     for _, reply in pairs:
-        if len(words(reply["analysis"])) < cfg.min_analysis_words:
+        if needs_analysis and len(words(reply["analysis"])) < cfg.min_analysis_words:
             return "short_analysis"
     for user, reply in pairs:
         if echo_share(user["content"], reply["content"]) >= cfg.echo_threshold:
             return "echo"
+    if reply_source(record) == "own_words":
+        question, passage = pairs[0][0]["content"], pairs[0][1]["content"]
+        if "?" not in question:
+            return "not_question"
+        if copied_share(question, passage) >= cfg.question_copy_max:
+            return "copies_passage"
     return None

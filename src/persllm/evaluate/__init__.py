@@ -38,6 +38,7 @@ def run(
         Request,
         close,
         generate,
+        load_heldout_items,
         load_items,
         messages_for,
         plan_systems,
@@ -54,13 +55,22 @@ def run(
 
     # Inputs: the systems that can run, held-out items, the judge.
     planned, skipped = plan_systems(project, systems or cfg.systems)
-    items = load_items(project, max_items or cfg.max_items)
+    golden = load_items(project, max_items or cfg.max_items)
+    heldout = load_heldout_items(project, max_items or cfg.heldout_items)
+    items = golden + heldout
     if not items:
         raise UserError(
-            f"{project.run_dir / 'data'}: no held-out items (sft_test.jsonl); run `persllm curate` first"
+            f"{project.run_dir / 'data'}: no evaluation items (sft_test.jsonl or held-out questions); "
+            "run `persllm annotate` and `persllm curate` first"
         )
-    for persona_id in sorted(set(project.personas) - {item.persona for item in items}):
-        skipped[f"persona {persona_id}"] = f"no held-out items in {project.run_dir / 'data' / persona_id}"
+    for persona_id in sorted(set(project.personas) - {item.persona for item in golden}):
+        skipped[f"persona {persona_id}"] = (
+            f"no annotator test items in {project.run_dir / 'data' / persona_id}"
+        )
+    for persona_id in sorted(set(project.personas) - {item.persona for item in heldout}):
+        skipped[f"persona {persona_id} (held-out)"] = (
+            "no held-out own words with questions: set holdout.share above 0 and annotate.heldout_questions"
+        )
     judge_cfg = judging.resolve_judge(cfg.judge, judge)
     record_stage(project, "eval", status="running", systems=[s.name for s in planned])
 
@@ -109,8 +119,10 @@ def run(
             skipped.setdefault("preference", f"baseline {cfg.baseline!r} did not run; no pairwise preference")
         judging.judge_all(judge_cfg, cache, dict(cfg.judge_params), rows, baseline, personas)
 
-    # Metrics.
-    table = scores.score(project, rows, lambda texts: embed(texts, project.config.embedder))
+    # Metrics, with paired bootstrap intervals over items.
+    scored = scores.score(
+        project, rows, lambda texts: embed(texts, project.config.embedder), cfg.baseline, cfg.resamples
+    )
 
     # Outputs: generations, metrics, report; the manifest last.
     result: dict[str, Any] = {
@@ -127,9 +139,18 @@ def run(
             "baseline": cfg.baseline,
             "embedder": project.config.embedder.model,
             "seed": project.config.seed,
+            "resamples": cfg.resamples,
+            "confidence": 0.95,
         },
-        "counts": {"items": len(items), "generations": len(rows)},
-        "systems": table,
+        "counts": {
+            "items": len(items),
+            "golden_items": len(golden),
+            "heldout_items": len(heldout),
+            "generations": len(rows),
+        },
+        "systems": scored["systems"],
+        "differences": scored["differences"],
+        "reference": scored["reference"],
         "personality": traits,
     }
     write_jsonl(out / "generations.jsonl", rows)
@@ -154,6 +175,7 @@ def row_of(request: Any, item: Any, completion: Any, split: tuple[str, str]) -> 
         "persona": item.persona,
         "stage": item.stage,
         "kind": item.kind,
+        "set": item.set,
         "item": item.id,
         "sample": request.sample,
         "question": item.question,

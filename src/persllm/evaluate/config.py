@@ -34,7 +34,15 @@ class EvalConfig(Section):
         ge=1,
         description="Ask at most this many questionnaire items (spread over the traits); none = all.",
     )
-    max_items: int | None = Field(None, ge=1, description="Cap on held-out items per persona x stage.")
+    max_items: int | None = Field(
+        None, ge=1, description="Cap on annotator test items (sft_test.jsonl) per persona x stage."
+    )
+    heldout_items: int | None = Field(
+        None, ge=1, description="Cap on held-out own-words items per persona x stage; none = all."
+    )
+    resamples: int = Field(
+        1000, ge=1000, description="Bootstrap resamples of the items for the 95% intervals."
+    )
     samples: int = Field(2, ge=1, description="Samples per item (the Intra distinction needs two).")
     params: dict[str, float | int] = Field(
         default_factory=lambda: {"temperature": 0.7, "max_tokens": 160}, description="Sampling settings."

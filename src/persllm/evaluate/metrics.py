@@ -20,11 +20,13 @@ DEFINITIONS: dict[str, str] = {
     "intra_cos": "Intra as embedding cosine: two samples for the same item.",
     "stage_cos": "Stage as embedding cosine: one persona, different stages.",
     "inter_cos": "Inter as embedding cosine: different personas.",
-    "persona_acc": "Who said this: accuracy of a nearest-centroid classifier (centroids of the golden "
-    "response embeddings per persona) on the responses.",
-    "stage_acc": "At which stage: the same classifier with one centroid per persona x stage.",
-    "style_fidelity": "Mean cosine of a response to its persona's own style chunks minus its mean cosine "
-    "to the other personas' style chunks (> 0: closer to its own words).",
+    "persona_acc": "Persona identifiability: share of responses that a nearest-centroid classifier, "
+    "fitted on the sentence embeddings of every persona's training style passages (own words, the "
+    "held-out ones excluded), assigns to the right persona.",
+    "stage_acc": "Stage identifiability: the same classifier with one centroid per stage of the "
+    "response's persona; the share assigned to the right stage.",
+    "style_fidelity": "Mean cosine of a response to its persona's own training style passages minus its "
+    "mean cosine to the other personas' (> 0: closer to its own words).",
     "anachronism_rate": "Share of responses at a non-final stage that mention a term found only in that "
     "persona's later-stage material (and not in the question).",
     "knowledge": "Judge: agreement of the response's facts with the golden response, 0-5.",
@@ -52,15 +54,19 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float | None:
 
 def rouge_l(hypotheses: Sequence[str], references: Sequence[str]) -> float | None:
     """Mean ROUGE-L F1 over aligned pairs (0-1)."""
-    from rouge_score import rouge_scorer
-
     if not hypotheses:
         return None
+    return float(np.mean(rouge_l_each(hypotheses, references)))
+
+
+def rouge_l_each(hypotheses: Sequence[str], references: Sequence[str]) -> list[float]:
+    """ROUGE-L F1 (0-1) of each aligned pair."""
+    from rouge_score import rouge_scorer
+
     scorer = rouge_scorer.RougeScorer(["rougeL"])
-    scores = [
+    return [
         scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(hypotheses, references, strict=True)
     ]
-    return float(np.mean(scores))
 
 
 def pair_bleu(a: str, b: str) -> float:
@@ -122,20 +128,25 @@ def _codes(values: list[str]) -> np.ndarray:
     return np.asarray([index[v] for v in values], dtype=np.int64)
 
 
+def distinction_values(
+    texts: Sequence[str], embeddings: np.ndarray, keys: Sequence[Key], max_pairs: int = 400, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Per-pair values of the Intra / Stage / Inter groups: pair BLEU and pair cosine, one array each."""
+    result: dict[str, np.ndarray] = {}
+    for name, pairs in distinction_pairs(keys, max_pairs, seed).items():
+        result[f"{name}_bleu"] = np.asarray([pair_bleu(texts[i], texts[j]) for i, j in pairs], dtype=float)
+        left = embeddings[[i for i, _ in pairs]] if pairs else np.zeros((0, 1))
+        right = embeddings[[j for _, j in pairs]] if pairs else np.zeros((0, 1))
+        result[f"{name}_cos"] = np.sum(left * right, axis=1).astype(float)
+    return result
+
+
 def distinction(
     texts: Sequence[str], embeddings: np.ndarray, keys: Sequence[Key], max_pairs: int = 400, seed: int = 0
 ) -> dict[str, float | None]:
     """Intra / Stage / Inter similarity as mean pair BLEU and mean pair cosine (see ``DEFINITIONS``)."""
-    result: dict[str, float | None] = {}
-    for name, pairs in distinction_pairs(keys, max_pairs, seed).items():
-        if not pairs:
-            result[f"{name}_bleu"] = result[f"{name}_cos"] = None
-            continue
-        result[f"{name}_bleu"] = float(np.mean([pair_bleu(texts[i], texts[j]) for i, j in pairs]))
-        left = embeddings[[i for i, _ in pairs]]
-        right = embeddings[[j for _, j in pairs]]
-        result[f"{name}_cos"] = float(np.mean(np.sum(left * right, axis=1)))
-    return result
+    values = distinction_values(texts, embeddings, keys, max_pairs, seed)
+    return {name: float(np.mean(v)) if len(v) else None for name, v in values.items()}
 
 
 # --------------------------------------------------------------------------- identifiability and style
@@ -149,14 +160,23 @@ def nearest_centroid_accuracy(
     Centroids are the means of ``ref_embeddings`` per label. ``None`` with fewer than two classes (there
     is nothing to tell apart) or nothing to classify.
     """
+    if len(labels) == 0:
+        return None
+    predicted = nearest_centroid_predict(ref_embeddings, ref_labels, embeddings)
+    return float(np.mean(predicted == np.asarray(labels))) if predicted is not None else None
+
+
+def nearest_centroid_predict(
+    ref_embeddings: np.ndarray, ref_labels: Sequence[str], embeddings: np.ndarray
+) -> np.ndarray | None:
+    """The label of the closest (cosine) class centroid for each row; ``None`` with fewer than two classes."""
     classes = sorted(set(ref_labels))
-    if len(classes) < 2 or len(labels) == 0:
+    if len(classes) < 2:
         return None
     ref_array = np.asarray(ref_labels)
     centroids = np.stack([ref_embeddings[ref_array == c].mean(axis=0) for c in classes])
     centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
-    predicted = np.asarray(classes)[np.argmax(embeddings @ centroids.T, axis=1)]
-    return float(np.mean(predicted == np.asarray(labels)))
+    return np.asarray(classes)[np.argmax(embeddings @ centroids.T, axis=1)]
 
 
 def style_fidelity(

@@ -23,6 +23,7 @@ Block = tuple[
 ]  # ("h2", text) | ("p", text) | ("list", items) | ("table", headers, rows) | ("img", file, alt)
 
 OVERVIEW = ["bleu", "rouge_l", "persona_acc", "stage_acc", "style_fidelity", "anachronism_rate"]
+SMALL_SAMPLE = 30  # items: fewer than this and the report says the intervals are rough
 DISTINCTION = ["intra_bleu", "stage_bleu", "inter_bleu", "intra_cos", "stage_cos", "inter_cos"]
 JUDGED = ["knowledge", "attitude", "premise_detected", "win_rate", "tie_rate", "loss_rate"]
 TRAITS = ["O", "C", "E", "A", "N"]
@@ -79,9 +80,84 @@ def fmt(value: Any) -> str:
 
 
 def metric_table(systems: dict[str, Any], names: list[str]) -> Block:
-    shown = [n for n in names if any(s["overall"].get(n) is not None for s in systems.values())]
-    rows = [[name, *(fmt(s["overall"].get(n)) for n in shown)] for name, s in systems.items()]
+    shown = [n for n in names if any(s.get("overall", {}).get(n) is not None for s in systems.values())]
+    rows = [[name, *(fmt(s.get("overall", {}).get(n)) for n in shown)] for name, s in systems.items()]
     return ("table", ["system", *shown], rows)
+
+
+def fmt_estimate(estimate: dict[str, Any] | None, signed: bool = False) -> str:
+    """``0.412 [0.380, 0.445]`` from an interval dict; ``-`` for none."""
+    if not estimate or estimate.get("value") is None:
+        return "–"
+
+    def one(value: float) -> str:
+        digits = 2 if abs(value) >= 10 else 3
+        return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+    text = one(estimate["value"])
+    if estimate.get("low") is not None and estimate.get("high") is not None:
+        text += f" [{one(estimate['low'])}, {one(estimate['high'])}]"
+    return text
+
+
+def interval_table(systems: dict[str, Any], key: str, names: list[str], extra: dict[str, Any]) -> Block:
+    """Systems x metrics of one set, each cell a value with its 95% interval; ``extra`` rows appended."""
+    entries = {name: data for name, data in systems.items() if key in data}
+    entries.update(extra)
+    shown = [n for n in names if any(e.get(key, {}).get(n) is not None for e in entries.values())]
+    body = [[name, *(cell(e, key, n) for n in shown)] for name, e in entries.items()]
+    return ("table", ["system", *shown], body)
+
+
+def cell(entry: dict[str, Any], key: str, name: str) -> str:
+    """A metric with its interval where there is one, else its bare value."""
+    estimate = entry.get(f"{key}_ci", {}).get(name)
+    return fmt_estimate(estimate) if estimate else fmt(entry.get(key, {}).get(name))
+
+
+def difference_table(differences: dict[str, Any], baseline: str, names: list[str]) -> Block:
+    """``system - baseline`` per metric with its paired interval; ``*`` where the interval excludes 0."""
+    shown = [n for n in names if any(d.get(n, {}).get("value") is not None for d in differences.values())]
+    body = []
+    for system, metrics in differences.items():
+        cells = []
+        for name in shown:
+            estimate = metrics.get(name)
+            mark = " *" if estimate and estimate.get("excludes_zero") else ""
+            cells.append(fmt_estimate(estimate, signed=True) + mark)
+        body.append([f"{system} - {baseline}", *cells])
+    return ("table", ["difference", *shown], body)
+
+
+def set_blocks(metrics: dict[str, Any], key: str, title: str, intro: str) -> list[Block]:
+    """One evaluation set: its table with intervals, its differences to the baseline, a small-sample note."""
+    systems = metrics.get("systems", {})
+    if not any(key in data for data in systems.values()):
+        return []
+    settings = metrics.get("settings", {})
+    baseline = settings.get("baseline", "prompt")
+    extra = (
+        {"reference (real words)": metrics["reference"]}
+        if key == "heldout" and metrics.get("reference")
+        else {}
+    )
+    blocks: list[Block] = [("h2", title), ("p", intro), interval_table(systems, key, OVERVIEW, extra)]
+    differences = metrics.get("differences", {}).get(key) or {}
+    if differences:
+        blocks.append(difference_table(differences, baseline, OVERVIEW))
+        blocks.append(
+            (
+                "p",
+                f"Paired bootstrap over items ({settings.get('resamples', 1000)} resamples, 95% percentile "
+                "intervals); * marks a difference whose interval excludes 0.",
+            )
+        )
+    n_items = metrics.get("counts", {}).get("heldout_items" if key == "heldout" else "golden_items")
+    if isinstance(n_items, int) and n_items < SMALL_SAMPLE:
+        blocks.append(
+            ("p", f"Small sample: {n_items} items. The intervals are wide and only roughly calibrated.")
+        )
+    return blocks
 
 
 def build_blocks(metrics: dict[str, Any], rows: list[dict[str, Any]], plots: dict[str, str]) -> list[Block]:
@@ -104,12 +180,27 @@ def build_blocks(metrics: dict[str, Any], rows: list[dict[str, Any]], plots: dic
     skipped = settings.get("skipped") or {}
     if skipped:
         blocks += [("h2", "Skipped"), ("list", [f"{name}: {why}" for name, why in skipped.items()])]
+    blocks += set_blocks(
+        metrics,
+        "heldout",
+        "Held-out real words",
+        "Each item is a passage of the person's own words that no training file contains, with the question "
+        "the annotator back-wrote for it; every system answers the question and is scored against the real "
+        "passage. The reference row scores the passages themselves.",
+    )
+    blocks += set_blocks(
+        metrics,
+        "overall",
+        "Annotator-golden (the paper's setting)",
+        "Held-out annotator dialogues: the reference is the annotator's golden reply, so these numbers "
+        "reward imitating the annotator.",
+    )
     if systems:
-        blocks += [("h2", "Overview"), metric_table(systems, [*OVERVIEW, "empty_rate", "completion_tokens"])]
+        blocks += [("h2", "Output health"), metric_table(systems, ["n", "empty_rate", "completion_tokens"])]
         blocks += [("img", plots["overview"], "overview")] if "overview" in plots else []
-        blocks += [("h2", "Distinction (Intra / Stage / Inter)"), metric_table(systems, DISTINCTION)]
+        blocks += [("h2", "Distinction (Intra / Stage / Inter)"), distinction_table(systems)]
         blocks += [("img", plots["distinction"], "distinction")] if "distinction" in plots else []
-        if any(s["overall"].get(n) is not None for s in systems.values() for n in JUDGED):
+        if any(s.get("overall", {}).get(n) is not None for s in systems.values() for n in JUDGED):
             blocks += [("h2", "Judge"), metric_table(systems, JUDGED)]
             blocks += [("img", plots["judge"], "judge")] if "judge" in plots else []
         blocks += [("h2", "Per persona and stage"), stage_table(systems)]
@@ -120,6 +211,21 @@ def build_blocks(metrics: dict[str, Any], rows: list[dict[str, Any]], plots: dic
     blocks += [("h2", "Definitions"), ("list", [f"{name}: {text}" for name, text in definitions.items()])]
     blocks += [("h2", "Examples"), examples_table(rows)]
     return blocks
+
+
+def distinction_table(systems: dict[str, Any]) -> Block:
+    """Intra / Stage / Inter of each set, with intervals from resampling the pairs."""
+    body = []
+    shown = [
+        n
+        for n in DISTINCTION
+        if any(d.get(k, {}).get(n) is not None for d in systems.values() for k in ("overall", "heldout"))
+    ]
+    for key, label in (("heldout", "held-out"), ("overall", "golden")):
+        for name, data in systems.items():
+            if key in data:
+                body.append([name, label, *(cell(data, key, n) for n in shown)])
+    return ("table", ["system", "set", *shown], body)
 
 
 def stage_table(systems: dict[str, Any]) -> Block:
@@ -187,15 +293,17 @@ def make_plots(folder: Path, metrics: dict[str, Any]) -> dict[str, str]:
     made: dict[str, str] = {}
     charts = {"overview": OVERVIEW, "distinction": DISTINCTION, "judge": JUDGED}
     for name, metric_names in charts.items():
-        shown = [m for m in metric_names if any(s["overall"].get(m) is not None for s in systems.values())]
+        # The overview plots the held-out set where there is one: it is the result that matters.
+        key = "heldout" if name == "overview" and any("heldout" in s for s in systems.values()) else "overall"
+        shown = [m for m in metric_names if any(s.get(key, {}).get(m) is not None for s in systems.values())]
         if not shown:
             continue
         fig, axes = plt.subplots(1, len(shown), figsize=(2.6 * len(shown), 3.0), squeeze=False)
         for ax, metric in zip(axes[0], shown, strict=True):
-            values = [systems[s]["overall"].get(metric) or 0.0 for s in systems]
+            values = [systems[s].get(key, {}).get(metric) or 0.0 for s in systems]
             ax.bar(range(len(systems)), values, color=[f"C{i}" for i in range(len(systems))])
             ax.set_xticks(range(len(systems)), list(systems), rotation=30, ha="right", fontsize=8)
-            ax.set_title(metric, fontsize=9)
+            ax.set_title(f"{metric} ({'held-out' if key == 'heldout' else 'golden'})", fontsize=9)
             ax.tick_params(axis="y", labelsize=8)
         fig.tight_layout()
         fig.savefig(folder / f"{name}.png", dpi=90)

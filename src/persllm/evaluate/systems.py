@@ -8,7 +8,10 @@ Systems:
   the training data (system prompt, label token before the first user turn).
 - any name in ``eval.extra_systems``: that model, prompted like ``prompt``.
 
-Each item is its first exchange: the system prompt and first user turn, and the golden first reply.
+Each item is its first exchange: the system prompt and first user turn, and the reference reply. Items
+come in two sets: ``golden`` (curate's held-out annotator dialogues, ``sft_test.jsonl``; the reference is
+the annotator's golden reply) and ``heldout`` (the person's held-out own words, with the question the
+annotator back-wrote for each; the reference is the real passage, which no training file contains).
 """
 
 import asyncio
@@ -44,6 +47,7 @@ class Item:
     question: str
     reference: str
     context: dict[str, str] | None = None
+    set: str = "golden"
 
 
 @dataclass
@@ -85,6 +89,42 @@ def load_items(project: Project, max_items: int | None) -> list[Item]:
             taken[item.stage] += 1
             item.context = contexts.get(item.id)
             items.append(item)
+    return items
+
+
+def load_heldout_items(project: Project, max_items: int | None) -> list[Item]:
+    """The held-out own-words items: one per held-out passage with a back-written question."""
+    from persllm.curate.format import system_prompt
+
+    items: list[Item] = []
+    for persona_id, persona in project.personas.items():
+        path = project.run_dir / "annotations" / "heldout" / f"{persona_id}.jsonl"
+        taken: dict[str, int] = defaultdict(int)
+        for number, record in enumerate(read_jsonl(path), start=1):
+            turns, stage_id = record.get("turns"), record.get("stage")
+            if (
+                not isinstance(turns, list)
+                or len(turns) < 2
+                or stage_id not in {s.id for s in persona.stages}
+            ):
+                raise UserError(f"{path}:{number}: not a held-out question record; re-run `persllm annotate`")
+            if max_items is not None and taken[stage_id] >= max_items:
+                continue
+            taken[stage_id] += 1
+            stage = persona.stage(stage_id)
+            items.append(
+                Item(
+                    id=str(record["id"]),
+                    persona=persona_id,
+                    stage=stage_id,
+                    kind=str(record.get("kind", "ordinary")),
+                    label=stage.label,
+                    system=system_prompt(persona, stage),
+                    question=turns[0]["content"].strip(),
+                    reference=turns[1]["content"].strip(),
+                    set="heldout",
+                )
+            )
     return items
 
 

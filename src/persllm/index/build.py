@@ -26,6 +26,7 @@ from persllm.index import encoder
 from persllm.jsonl import write_jsonl
 from persllm.manifest import record_stage
 from persllm.persona.corpus import Chunk, read_stage_chunks
+from persllm.persona.heldout import HoldoutRule, split_stages
 
 
 def run(project: Project, personas: list[str] | None = None, progress: bool = False) -> dict[str, Any]:
@@ -35,11 +36,13 @@ def run(project: Project, personas: list[str] | None = None, progress: bool = Fa
     persona_ids = personas or list(project.personas)
     root = project.run_dir / "index"
 
-    # Chunk every stage's corpus (user errors in the corpus surface here, before any model loads).
+    # Chunk every stage's corpus (user errors in the corpus surface here, before any model loads), then
+    # set the held-out own words aside: the index never sees them.
     stages: list[tuple[str, str, list[Chunk]]] = []
     for persona_id in persona_ids:
         for stage in project.persona(persona_id).stages:
             stages.append((persona_id, stage.id, read_stage_chunks(project, persona_id, stage.id)))
+    stages, heldout = split_stages(stages, holdout_rule(project), project.config.seed)
 
     # Embed only texts the cache has not seen for this model.
     cache_path = root / "embeddings_cache" / f"{model_key(cfg)}.npz"
@@ -58,6 +61,9 @@ def run(project: Project, personas: list[str] | None = None, progress: bool = Fa
         keys = [text_key(chunk.text) for chunk in chunks]
         matrix = np.stack([cache[key] for key in keys]) if keys else np.zeros((0, dim), np.float32)
         write_stage(root / persona_id / stage_id, chunks, matrix.astype(np.float32), cfg)
+        write_jsonl(
+            root / persona_id / stage_id / HELDOUT, (c.to_dict() for c in heldout[(persona_id, stage_id)])
+        )
         # A new text shared by several stages counts as embedded once, in the first stage using it.
         new_here = {key for key in keys if key in fresh}
         fresh -= new_here
@@ -71,6 +77,7 @@ def run(project: Project, personas: list[str] | None = None, progress: bool = Fa
                 "style": sum(chunk.kind == "style" for chunk in chunks),
                 "embedded": embedded,
                 "reused": len(chunks) - embedded,
+                "heldout": len(heldout[(persona_id, stage_id)]),
             }
         )
     if personas is None:
@@ -84,11 +91,15 @@ def run(project: Project, personas: list[str] | None = None, progress: bool = Fa
         "chunks": sum(row["chunks"] for row in rows),
         "embedded": len(missing),
         "reused": sum(row["chunks"] for row in rows) - sum(row["embedded"] for row in rows),
+        "heldout": sum(len(held) for held in heldout.values()),
         "model": cfg.model,
         "dimension": int(dim),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    fingerprint = stable_hash({"model": cfg.model, "chunks": [[c.id for c in s[2]] for s in stages]})
+    split = {f"{p}/{s}": [{"id": c.id, "ref": c.ref} for c in held] for (p, s), held in heldout.items()}
+    fingerprint = stable_hash(
+        {"model": cfg.model, "chunks": [[c.id for c in s[2]] for s in stages], "heldout": split}
+    )
     record_stage(
         project,
         "index",
@@ -99,8 +110,19 @@ def run(project: Project, personas: list[str] | None = None, progress: bool = Fa
         embedded=result["embedded"],
         reused=result["reused"],
         seconds=result["seconds"],
+        heldout=split,
     )
     return result
+
+
+HELDOUT = "heldout.jsonl"
+
+
+def holdout_rule(project: Project) -> HoldoutRule:
+    cfg = project.config.holdout
+    return HoldoutRule(
+        cfg.share, cfg.min_passages, cfg.max_passages, cfg.min_train, cfg.strict, cfg.min_words
+    )
 
 
 def model_key(cfg: EmbedderConfig) -> str:

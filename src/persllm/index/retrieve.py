@@ -224,6 +224,13 @@ def fill(pool: Pool, query: np.ndarray, budget: int, first: Piece | None = None)
     return pieces
 
 
+def load_heldout(project: Project, persona: str, stage: str) -> list[Chunk]:
+    """The stage's held-out own words (``heldout.jsonl`` beside its index): evaluation references only."""
+    project.persona(persona).stage(stage)
+    path = project.run_dir / "index" / persona / stage / "heldout.jsonl"
+    return [Chunk.from_dict(row) for row in read_jsonl(path)]
+
+
 def load_stage(project: Project, persona: str, stage: str) -> tuple[list[Chunk], np.ndarray]:
     """A stage's chunks and embeddings, checked against each other and the configured embedder."""
     folder = project.run_dir / "index" / persona / stage

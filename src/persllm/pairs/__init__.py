@@ -61,13 +61,15 @@ def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]
 
     # Rejected answers from each enabled source.
     candidates: list[Candidate] = []
-    if cfg.cross_persona:
+    if cfg.cross_persona or cfg.cross_stage:
         every = embed([opening(r)[0] for records in train.values() for r in records], project.config.embedder)
         ends = list(accumulate(len(records) for records in train.values()))
         vectors = dict(zip(train, np.split(every, ends[:-1]), strict=True))
-        candidates += sources.cross_persona(
-            train, persona_ids, vectors, cfg.similarity_min, cfg.similarity_max
-        )
+        bounds = (cfg.similarity_min, cfg.similarity_max)
+        if cfg.cross_persona:
+            candidates += sources.cross_persona(train, persona_ids, vectors, *bounds)
+        if cfg.cross_stage:
+            candidates += sources.cross_stage_neighbours(train, persona_ids, vectors, *bounds)
     if cfg.cross_stage or cfg.base_model:
         candidates += run_sync(regenerate(project, {pid: train[pid] for pid in persona_ids}))
 
@@ -147,10 +149,13 @@ async def regenerate(project: "Project", train: dict[str, list[dict[str, Any]]])
     backends: list[ChatBackend] = []
     try:
         jobs: list[Coroutine[Any, Any, list[Candidate]]] = []
-        if cfg.cross_stage and any(len(project.persona(pid).stages) > 1 for pid in train):
+        regenerated = {pid: [r for r in records if not sources.is_own(r)] for pid, records in train.items()}
+        if cfg.cross_stage and any(
+            len(project.persona(pid).stages) > 1 and records for pid, records in regenerated.items()
+        ):
             backends.append(make_backend(project.config.annotator, cache, tag="pairs"))
             annotator = Annotator(project, backends[-1], Retriever(project))
-            for pid, records in train.items():
+            for pid, records in regenerated.items():
                 jobs.append(
                     sources.cross_stage(annotator, project.persona(pid), records, cfg.cross_stage_max)
                 )

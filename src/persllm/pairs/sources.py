@@ -8,6 +8,8 @@ import numpy as np
 import numpy.typing as npt
 
 from persllm.cot import split_inline
+from persllm.curate.dedup import COSINE_TOLERANCE
+from persllm.curate.filters import reply_source
 from persllm.pairs.build import Candidate, opening, other_stages
 
 if TYPE_CHECKING:
@@ -27,7 +29,8 @@ def nearest_in_range(
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """For each query row: the most similar row of ``others`` with cosine in [low, high].
 
-    Returns (index, cosine); index is -1 (cosine -inf) where no row lies in the range. Rows are unit vectors.
+    Returns (index, cosine); index is -1 (cosine -inf) where no row lies in the range. Rows are unit vectors;
+    the bounds allow ``COSINE_TOLERANCE`` of float rounding, so ``high=1.0`` admits a word-for-word repeat.
     """
     index = np.full(len(queries), -1, dtype=np.int64)
     best = np.full(len(queries), -np.inf, dtype=np.float32)
@@ -35,7 +38,7 @@ def nearest_in_range(
         return index, best
     for start in range(0, len(queries), block):
         sims = queries[start : start + block] @ others.T
-        sims[(sims < low) | (sims > high)] = -np.inf
+        sims[(sims < low - COSINE_TOLERANCE) | (sims > high + COSINE_TOLERANCE)] = -np.inf
         top = sims.argmax(axis=1)
         value = sims[np.arange(len(top)), top]
         index[start : start + len(top)] = np.where(np.isfinite(value), top, -1)
@@ -58,27 +61,75 @@ def cross_persona(
         others = (
             np.concatenate([vectors[o] for o in other_ids]) if other_ids else np.zeros((0, 0), np.float32)
         )
-        index, sims = nearest_in_range(vectors[persona_id], others, low, high)
-        for record, match, sim in zip(train[persona_id], index.tolist(), sims.tolist(), strict=True):
-            if match < 0:
-                candidates.append(Candidate("cross_persona", record, None))
-                continue
-            neighbour = pool[match]
-            _, analysis, response = opening(neighbour)
-            source = {
-                "persona": neighbour["persona"],
-                "stage": neighbour["stage"],
-                "id": neighbour["id"],
-                "similarity": round(sim, 4),
-            }
-            candidates.append(Candidate("cross_persona", record, (analysis, response), source))
+        records = list(zip(train[persona_id], vectors[persona_id], strict=True))
+        candidates += neighbour_candidates("cross_persona", records, pool, others, low, high)
     return candidates
+
+
+def cross_stage_neighbours(
+    train: Records,
+    persona_ids: list[str],
+    vectors: dict[str, npt.NDArray[np.float32]],
+    low: float,
+    high: float,
+) -> list[Candidate]:
+    """Own-words records against the most similar own-words input of the same persona at another stage.
+
+    Both answers are the person's real words; only the stage differs, which is what the pair teaches.
+    Regenerating the reply as another stage would put annotator text against the person's own.
+    """
+    candidates: list[Candidate] = []
+    for persona_id in persona_ids:
+        own = [(r, v) for r, v in zip(train[persona_id], vectors[persona_id], strict=True) if is_own(r)]
+        for stage in sorted({r["stage"] for r, _ in own}):
+            pool = [(r, v) for r, v in own if r["stage"] != stage]
+            others = np.stack([v for _, v in pool]) if pool else np.zeros((0, 0), np.float32)
+            here = [(r, v) for r, v in own if r["stage"] == stage]
+            candidates += neighbour_candidates("cross_stage", here, [r for r, _ in pool], others, low, high)
+    return candidates
+
+
+def neighbour_candidates(
+    provenance: str,
+    records: list[tuple[dict[str, Any], npt.NDArray[np.float32]]],
+    pool: list[dict[str, Any]],
+    others: npt.NDArray[np.float32],
+    low: float,
+    high: float,
+) -> list[Candidate]:
+    """Each (record, input vector) with the reply of its most similar ``pool`` input as rejected answer."""
+    if not records:
+        return []
+    queries = np.stack([vector for _, vector in records])
+    index, sims = nearest_in_range(queries, others, low, high)
+    candidates: list[Candidate] = []
+    for (record, _), match, sim in zip(records, index.tolist(), sims.tolist(), strict=True):
+        if match < 0:
+            candidates.append(Candidate(provenance, record, None))
+            continue
+        neighbour = pool[match]
+        _, analysis, response = opening(neighbour)
+        source = {
+            "persona": neighbour["persona"],
+            "stage": neighbour["stage"],
+            "id": neighbour["id"],
+            "similarity": round(sim, 4),
+        }
+        candidates.append(Candidate(provenance, record, (analysis, response), source))
+    return candidates
+
+
+def is_own(record: dict[str, Any]) -> bool:
+    return reply_source(record) == "own_words"
 
 
 async def cross_stage(
     annotator: "Annotator", persona: "PersonaConfig", records: list[dict[str, Any]], limit: int
 ) -> list[Candidate]:
-    """Each record's input answered by the same persona as up to ``limit`` other stages (no seed)."""
+    """Each annotator record's input answered by the same persona as up to ``limit`` other stages (no seed).
+
+    Own-words records get their cross-stage pairs from ``cross_stage_neighbours`` instead.
+    """
     from persllm.annotate.parse import Malformed
 
     async def one(record: dict[str, Any], stage_id: str) -> Candidate:
@@ -90,7 +141,9 @@ async def cross_stage(
             return Candidate("cross_stage", record, None, source)
         return Candidate("cross_stage", record, (reply.analysis, reply.content), source)
 
-    jobs = [one(r, stage) for r in records for stage in other_stages(persona, r["stage"], limit)]
+    jobs = [
+        one(r, stage) for r in records if not is_own(r) for stage in other_stages(persona, r["stage"], limit)
+    ]
     return list(await asyncio.gather(*jobs))
 
 

@@ -133,6 +133,25 @@ def split_long(paragraph: str, max_words: int) -> list[str]:
     return [" ".join(piece) for piece in pieces]
 
 
+def reply_cut(passage: str, max_words: int) -> str:
+    """The passage as a reply: its first sentences, whole, up to ``max_words`` words.
+
+    The first sentence is always kept; when it alone is longer than ``max_words`` it is cut between words
+    (so a reply is never empty and never much longer than asked).
+    """
+    sentences = split_sentences(normalise(passage))
+    kept: list[str] = []
+    count = 0
+    for sentence in sentences:
+        n = len(sentence.split())
+        if kept and count + n > max_words:
+            break
+        kept.append(sentence)
+        count += n
+    text = " ".join(kept)
+    return text if count <= max_words else " ".join(text.split()[:max_words])
+
+
 def split_block(start: int, lines: list[str], max_words: int) -> list[tuple[int, str]]:
     """Split one paragraph's raw lines into ``(line, piece)`` pairs, each piece on the line it starts."""
     word_lines = [start + offset for offset, line in enumerate(lines) for _ in normalise(line).split()]

@@ -1,0 +1,261 @@
+"""Personification quality on real people: Lincoln and Roosevelt, two stages each, bundled SmolLM2.
+
+Builds a persllm project in ``benchmarks/out/personification/`` whose personas read the speeches in
+``../shared/corpora`` in place (never copied), runs the whole pipeline (``persllm run``: held-out split,
+own-words dialogues, SFT, DPO, evaluation) with SmolLM2-135M-Instruct as annotator and base model on the
+CPU, and reports every system (``prompt``, ``rag``, ``sft``, ``sft+dpo``) against the persons' held-out
+real words, with paired bootstrap 95% intervals, plus the paper's distinction table (Intra / Stage /
+Inter, with and without DPO) and whether each target was met.
+
+    .venv/bin/python benchmarks/personification.py [--size small|full] [--fresh]
+
+``small`` (what ``make bench`` runs, about 35 minutes here): 8 held-out passages and 16 own-words
+dialogues per stage. ``full`` (at most 2 hours on 2 cores): 15 held-out passages and 40 dialogues per
+stage, two samples per item. Every model call is cached in the run folder, so a re-run only pays for
+what changed; ``--fresh`` starts from an empty run folder. Prints a table and writes
+benchmarks/out/personification.json.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+OUT = HERE / "out"
+PROJECT = OUT / "personification"
+CORPORA = (REPO.parent / "shared" / "corpora").resolve()
+SYSTEMS = ["prompt", "rag", "sft", "sft+dpo"]
+TARGET_METRICS = ["style_fidelity", "persona_acc", "stage_acc", "rouge_l"]
+PERSONAS = {
+    "lincoln": {
+        "name": "Abraham Lincoln",
+        "profile": "A self-taught Illinois lawyer and politician: plain-spoken, fond of stories and close "
+        "logic, morally opposed to the spread of slavery, devoted above all to the Union.",
+        "stages": [
+            ("1852-1860", "It is 1858, in Springfield, Illinois, during the Senate race against Douglas."),
+            ("1861-1865", "It is 1863, in the White House, in the middle of the Civil War."),
+        ],
+    },
+    "roosevelt": {
+        "name": "Franklin D. Roosevelt",
+        "profile": "The thirty-second President: warm, confident and conversational, a reformer who speaks "
+        "to ordinary families about work, security and the duties of government.",
+        "stages": [
+            ("1933-1941", "It is 1936, in the White House, during the New Deal."),
+            ("1941-1945", "It is 1943, in the White House, with the nation at war."),
+        ],
+    },
+}
+SIZES: dict[str, dict[str, Any]] = {
+    "small": {"heldout": 8, "own_words": 16, "samples": 1, "epochs": 2},
+    "full": {"heldout": 15, "own_words": 40, "samples": 2, "epochs": 2},
+}
+
+
+def write_project(size: dict[str, Any]) -> Path:
+    """The project files: one persona file per person, the speeches as both style and knowledge."""
+    (PROJECT / "personas").mkdir(parents=True, exist_ok=True)
+    for persona_id, spec in PERSONAS.items():
+        stages = [
+            {
+                "id": stage,
+                "time": time_phrase,
+                "style": [str(CORPORA / persona_id / stage / "*.txt")],
+                "knowledge": [str(CORPORA / persona_id / stage / "*.txt")],
+            }
+            for stage, time_phrase in spec["stages"]
+        ]
+        persona = {"id": persona_id, "name": spec["name"], "profile": spec["profile"], "stages": stages}
+        (PROJECT / "personas" / f"{persona_id}.yaml").write_text(yaml.safe_dump(persona, sort_keys=False))
+    config = {
+        "project": "personification",
+        "personas": ["personas/*.yaml"],
+        "seed": 11,
+        "holdout": {"share": 0.01, "min_passages": size["heldout"], "max_passages": size["heldout"]},
+        "corpus": {"max_words": 90},
+        "retrieval": {"knowledge_words": 160, "style_words": 80},
+        "annotator": {"model": "bundled:smollm2", "concurrency": 16, "params": {"temperature": 0.7}},
+        "annotate": {
+            "counts": {
+                "ordinary": size["own_words"] * 3 // 4,
+                "misleading": 0,
+                "opinion": size["own_words"] // 4,
+            },
+            "own_words_share": {"ordinary": 1.0, "opinion": 1.0},
+            "own_words_max_words": 60,
+            "own_words_analysis": False,
+            "multi_turn_share": 0,
+        },
+        "curate": {"cot": "none"},
+        "pairs": {"similarity_min": 0.2},
+        "base_model": {"model": "bundled:smollm2", "concurrency": 16},
+        "sft": {
+            "trl": {
+                "num_train_epochs": size["epochs"],
+                "learning_rate": 1.0e-3,
+                "per_device_train_batch_size": 8,
+                "max_length": 256,
+            }
+        },
+        "dpo": {
+            "trl": {
+                "num_train_epochs": 1,
+                "learning_rate": 1.0e-4,
+                "per_device_train_batch_size": 8,
+                "beta": 0.1,
+                "max_length": 256,
+            }
+        },
+        "eval": {
+            "systems": SYSTEMS,
+            "samples": size["samples"],
+            "params": {"temperature": 0.7, "max_tokens": 48},
+        },
+    }
+    path = PROJECT / "persllm.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_pipeline(config: Path) -> tuple[float, str]:
+    persllm = Path(sys.executable).with_name("persllm")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    started = time.perf_counter()
+    done = subprocess.run([str(persllm), "run", str(config)], env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr[-4000:])
+        raise SystemExit(f"persllm run failed with exit {done.returncode}")
+    return seconds, done.stdout
+
+
+def summarise(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Rows of systems x metrics with intervals, the differences, the distinction table and the targets."""
+    systems = metrics["systems"]
+    rows = []
+    for name in [*SYSTEMS, "reference"]:
+        data = metrics["reference"] if name == "reference" else systems.get(name, {})
+        ci = data.get("heldout_ci", {})
+        rows.append({"system": name, **{m: interval_text(ci.get(m)) for m in [*TARGET_METRICS, "bleu"]}})
+    differences = metrics.get("differences", {}).get("heldout", {})
+    difference_rows = [
+        {
+            "difference": f"{name} - prompt",
+            **{m: interval_text(differences.get(name, {}).get(m), True) for m in TARGET_METRICS},
+        }
+        for name in SYSTEMS[1:]
+        if name in differences
+    ]
+    distinction = [
+        {
+            "system": name,
+            **{
+                m: interval_text(systems.get(name, {}).get("heldout_ci", {}).get(m))
+                for m in ("intra_bleu", "stage_bleu", "inter_bleu")
+            },
+        }
+        for name in ("sft", "sft+dpo")
+    ]
+    return {
+        "systems": rows,
+        "differences": difference_rows,
+        "distinction": distinction,
+        "targets": targets(metrics),
+    }
+
+
+def targets(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target of the benchmark: met or missed, with the numbers it was judged on."""
+    systems = metrics["systems"]
+    differences = metrics.get("differences", {}).get("heldout", {})
+    found: list[dict[str, Any]] = []
+    for trained in ("sft", "sft+dpo"):
+        for metric in TARGET_METRICS:
+            over_prompt = differences.get(trained, {}).get(metric, {})
+            rag = systems.get("rag", {}).get("heldout_ci", {}).get(metric, {})
+            mine = systems.get(trained, {}).get("heldout_ci", {}).get(metric, {})
+            beats_rag = (mine.get("low") or float("-inf")) > (rag.get("high") or float("inf"))
+            found.append(
+                {
+                    "target": f"{trained} > prompt and rag on {metric}",
+                    "vs_prompt": interval_text(over_prompt, True),
+                    "prompt_excluded": bool(over_prompt.get("excludes_zero"))
+                    and (over_prompt.get("value") or 0) > 0,
+                    "rag_intervals_apart": beats_rag,
+                }
+            )
+    sft = systems.get("sft", {}).get("heldout", {})
+    dpo = systems.get("sft+dpo", {}).get("heldout", {})
+    for metric, direction in (("intra_bleu", 1), ("inter_bleu", -1)):
+        if sft.get(metric) is not None and dpo.get(metric) is not None:
+            met = (dpo[metric] - sft[metric]) * direction > 0
+            found.append({"target": f"DPO {'raises' if direction > 0 else 'lowers'} {metric}", "met": met})
+    return found
+
+
+def interval_text(estimate: dict[str, Any] | None, signed: bool = False) -> str:
+    if not estimate or estimate.get("value") is None:
+        return "-"
+    spec = "+.3f" if signed else ".3f"
+    text = format(estimate["value"], spec)
+    if estimate.get("low") is not None:
+        text += f" [{format(estimate['low'], spec)}, {format(estimate['high'], spec)}]"
+    return text
+
+
+def print_table(title: str, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    print(f"\n{title}")
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--fresh", action="store_true", help="Delete the run folder first.")
+    args = parser.parse_args()
+    if not CORPORA.is_dir():
+        print(
+            f"error: {CORPORA}: the shared corpora are not there; this benchmark needs them", file=sys.stderr
+        )
+        return 2
+    if args.fresh:
+        shutil.rmtree(PROJECT / "runs", ignore_errors=True)
+    config = write_project(SIZES[args.size])
+    seconds, _ = run_pipeline(config)
+    metrics = json.loads((PROJECT / "runs" / "personification" / "eval" / "metrics.json").read_text())
+    summary = summarise(metrics)
+    result = {
+        "size": args.size,
+        "settings": SIZES[args.size],
+        "corpora": str(CORPORA),
+        "seconds": round(seconds, 1),
+        "items": metrics["counts"].get("heldout_items"),
+        **summary,
+    }
+    print_table("held-out real words (95% paired bootstrap intervals)", summary["systems"])
+    print_table("differences to prompt", summary["differences"])
+    print_table("distinction (held-out items)", summary["distinction"])
+    print_table("targets", summary["targets"])
+    print(f"\n{result['items']} held-out items, {seconds / 60:.1f} min")
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "personification.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,100 @@
+"""The held-out split of a persona's own words: passages set aside before indexing, for evaluation only.
+
+Per persona and stage a seeded share of the style passages is held out. The split is made on the chunks
+before the index is built, so a held-out passage can never be retrieved, seed a dialogue, become a golden
+reply or enter a preference pair: the index does not contain it. Its text is also removed from every
+other chunk list of the project (a corpus that uses the same speeches as knowledge and style would
+otherwise let it back in as knowledge). What is held out is written to ``index/<persona>/<stage>/
+heldout.jsonl`` and listed in the manifest.
+"""
+
+import logging
+import random
+from dataclasses import dataclass
+
+from persllm.errors import UserError
+from persllm.hashing import stable_hash
+from persllm.persona.corpus import Chunk
+
+log = logging.getLogger("persllm")
+
+
+@dataclass(frozen=True)
+class HoldoutRule:
+    """How many passages a stage sets aside: ``share`` of them, at least ``minimum``, at most ``maximum``."""
+
+    share: float
+    minimum: int
+    maximum: int | None
+    min_train: int
+    strict: bool = False
+    min_words: int = 1
+
+    def count(self, n: int) -> int:
+        if self.share <= 0 or n == 0:
+            return 0
+        wanted = max(round(n * self.share), self.minimum)
+        return min(wanted, self.maximum) if self.maximum is not None else wanted
+
+    def smallest_stage(self) -> int:
+        """The fewest style passages a stage needs so that ``min_train`` remain after the split."""
+        return next(n for n in range(1, 100_000) if n - self.count(n) >= self.min_train)
+
+
+def choose_heldout(chunks: list[Chunk], rule: HoldoutRule, seed: int, where: str) -> list[Chunk]:
+    """The style chunks of one stage to hold out, by a seeded shuffle of their references.
+
+    Only passages of at least ``min_words`` words are candidates: a heading or a signature line is no
+    reference for an answer.
+    The choice depends only on the chunks' references and texts and the seed, not on their order.
+    A stage with no style passage, or too few to split, holds out nothing: a warning naming ``where``
+    and the minimum (its evaluation runs on annotator data only), or with ``strict`` a user error.
+    """
+    style = sorted(
+        (c for c in chunks if c.kind == "style" and c.words >= rule.min_words), key=lambda c: (c.ref, c.id)
+    )
+    n_held = rule.count(len(style))
+    if not style:
+        if rule.share > 0:
+            log.warning(
+                "warning: %s: no style passages (the person's own words), so nothing is held out and "
+                "there is no held-out evaluation for this stage; add style files to get one",
+                where,
+            )
+        return []
+    if len(style) - n_held < rule.min_train:
+        problem = (
+            f"{where}: {len(style)} style passages are too few for the held-out split (at least "
+            f"{rule.smallest_stage()} with holdout.share {rule.share}, min_passages {rule.minimum}, "
+            f"min_train {rule.min_train})"
+        )
+        if rule.strict:
+            raise UserError(f"{problem}; add passages, lower those settings, or set holdout.share: 0")
+        log.warning(
+            "warning: %s, so nothing is held out there; add passages for a held-out evaluation", problem
+        )
+        return []
+    rng = random.Random(int(stable_hash([seed, where, "holdout"], length=15), 16))
+    rng.shuffle(style)
+    return sorted(style[:n_held], key=lambda c: (c.ref, c.id))
+
+
+def without_texts(chunks: list[Chunk], texts: set[str]) -> list[Chunk]:
+    """``chunks`` less every chunk whose text is one of ``texts`` (of any kind, stage or persona)."""
+    return [chunk for chunk in chunks if chunk.text not in texts]
+
+
+def split_stages(
+    stages: list[tuple[str, str, list[Chunk]]], rule: HoldoutRule, seed: int
+) -> tuple[list[tuple[str, str, list[Chunk]]], dict[tuple[str, str], list[Chunk]]]:
+    """The indexable chunks of every (persona, stage, chunks), and the held-out ones per (persona, stage).
+
+    All stages are checked before anything is returned, so a user error leaves the run folder untouched.
+    """
+    heldout = {
+        (persona, stage): choose_heldout(chunks, rule, seed, f"persona {persona!r}, stage {stage!r}")
+        for persona, stage, chunks in stages
+    }
+    texts = {chunk.text for held in heldout.values() for chunk in held}
+    kept = [(persona, stage, without_texts(chunks, texts)) for persona, stage, chunks in stages]
+    return kept, heldout
