@@ -479,3 +479,50 @@ def test_cli_curate_user_error_exits_2(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "nobody" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def own(ident: str, question: str, passage: str) -> dict[str, Any]:
+    """An own-words record: the passage is the reply, with no analysis."""
+    row = record(ident, question, answer=passage, analysis="")
+    row["reply"] = {"source": "own_words", "ref": f"corpus/elsie/keeper/style.txt:{ident}"}
+    return row
+
+
+PASSAGE = (
+    "The Board pays me sixty-two pounds for keeping the same light that Father kept for seventy. "
+    "The lamp does not know it is being trimmed by a woman. Neither does the oil, nor the clockwork."
+)
+
+
+def test_back_written_questions_are_checked_and_need_no_analysis_without_cot() -> None:
+    cfg = CurateConfig(cot="none")
+    assert check_record(own("a", "What do you think of your pay from the Board?", PASSAGE), cfg) is None
+    assert check_record(own("b", "Tell me about your pay from the Board.", PASSAGE), cfg) == "not_question"
+    copied = "The lamp does not know it is being trimmed by a woman, does it?"
+    assert check_record(own("c", copied, PASSAGE), cfg) == "copies_passage"
+    # With the analysis shown in training (cot: inline), an own-words record needs one like any other.
+    assert check_record(own("d", "What do you think of your pay?", PASSAGE), CurateConfig()) == "empty"
+
+
+def test_off_topic_questions_are_counted_and_own_words_always_train(tmp_path: Path) -> None:
+    records = [
+        own("on-0", "What do you think of the pay the Board gives its keepers?", PASSAGE),
+        own(
+            "on-1",
+            "Is a woman's work at the lamp paid as well as a man's?",
+            PASSAGE.replace("seventy", "ninety"),
+        ),
+        own(
+            "off",
+            "What is your favourite recipe for apple pie with cinnamon?",
+            PASSAGE.replace("oil", "wick"),
+        ),
+        *many(n=4),
+    ]
+    path = make_project(tmp_path, {"elsie": records, "jonah": many("jonah", "sailor", n=3)})
+    project = load_project(path, {"curate.cot": "none", "curate.test_fraction": 0.5})
+    stats = curate.run(project)["personas"]["elsie"]
+    assert stats["removed"]["off_topic"] == 1 and stats["kept"] == 6
+    train = {r["meta"]["id"] for r in read_jsonl(project.run_dir / "data" / "elsie" / "sft_train.jsonl")}
+    test = {r["meta"]["id"] for r in read_jsonl(project.run_dir / "data" / "elsie" / "sft_test.jsonl")}
+    assert {"on-0", "on-1"} <= train and len(test) == 2 and not test & {"on-0", "on-1"}

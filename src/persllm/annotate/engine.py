@@ -206,10 +206,7 @@ class Annotator:
         """
         persona, stage = self._spec(persona_id, stage_id)
         style = self.cfg.resolved_question_style(self.project.config.annotator.model)
-        if style == "topic":
-            messages = prompts.build_back_topic_messages(passage)
-        else:
-            messages = prompts.build_back_question_messages(persona, stage, kind, passage)
+        messages = prompts.build_user_turn_messages(persona, stage, kind, passage, style)
 
         async def attempt(number: int, _mode: str) -> str:
             extra = {"max_tokens": TOPIC_TOKENS} if style == "topic" else None

@@ -224,6 +224,15 @@ def build_back_question_messages(
     return [{"role": "system", "content": render("system", **values)}, {"role": "user", "content": user}]
 
 
+def build_user_turn_messages(
+    persona: PersonaConfig, stage: StageConfig, kind: str, passage: str, question_style: str
+) -> Messages:
+    """The back-writing call of an own-words item: the whole question, or only the passage's topic."""
+    if question_style == "topic":
+        return build_back_topic_messages(passage)
+    return build_back_question_messages(persona, stage, kind, passage)
+
+
 def build_own_words_analysis_messages(
     persona: PersonaConfig, stage: StageConfig, question: str, reply: str
 ) -> Messages:

@@ -301,15 +301,7 @@ def dry_run_prompts(project: Project, retriever: Retriever, items: list[Item]) -
         messages["reply"] = prompts.build_reply_messages(persona, stage, turns, knowledge, style, mode)
     return {
         "dry_run": True,
-        "item": {
-            "id": item.id,
-            "persona": item.persona,
-            "stage": item.stage,
-            "kind": item.kind,
-            "seed": item.seed.ref,
-            "stance": item.stance,
-            "follow_ups": item.follow_ups,
-        },
+        "item": dry_run_item(item, stance=item.stance, follow_ups=item.follow_ups),
         "output": mode,
         "params": {
             **cfg.annotator.params,
@@ -320,27 +312,26 @@ def dry_run_prompts(project: Project, retriever: Retriever, items: list[Item]) -
     }
 
 
+def dry_run_item(item: Item, **extra: Any) -> dict[str, Any]:
+    ident = {"id": item.id, "persona": item.persona, "stage": item.stage, "kind": item.kind}
+    return {**ident, "seed": item.seed.ref, **extra}
+
+
 def dry_run_own_words(project: Project, item: Item, planned: int) -> dict[str, Any]:
     """The prompts of an own-words or held-out item: the back-written question (and its analysis)."""
     cfg = project.config.annotate
     persona = project.persona(item.persona)
     stage = persona.stage(item.stage)
+    style = cfg.resolved_question_style(project.config.annotator.model)
     messages = {
-        "back_question": prompts.build_back_question_messages(persona, stage, item.kind, item.seed.text)
+        f"back_{style}": prompts.build_user_turn_messages(persona, stage, item.kind, item.seed.text, style)
     }
     if item.source == "own_words" and cfg.own_words_analysis:
         reply = reply_cut(item.seed.text, cfg.own_words_max_words)
         messages["analysis"] = prompts.build_own_words_analysis_messages(persona, stage, DRY_RUN_USER, reply)
     return {
         "dry_run": True,
-        "item": {
-            "id": item.id,
-            "persona": item.persona,
-            "stage": item.stage,
-            "kind": item.kind,
-            "seed": item.seed.ref,
-            "source": item.source,
-        },
+        "item": dry_run_item(item, source=item.source),
         "output": "own_words",
         "params": dict(project.config.annotator.params),
         "messages": messages,
