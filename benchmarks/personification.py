@@ -56,8 +56,8 @@ PERSONAS = {
     },
 }
 SIZES: dict[str, dict[str, Any]] = {
-    "small": {"heldout": 8, "own_words": 16, "samples": 1, "epochs": 2},
-    "full": {"heldout": 15, "own_words": 40, "samples": 2, "epochs": 2},
+    "small": {"heldout": 8, "own_words": 16, "samples": 1, "epochs": 2, "dpo_steps": 3},
+    "full": {"heldout": 15, "own_words": 40, "samples": 2, "epochs": 2, "dpo_steps": 8},
 }
 
 
@@ -103,16 +103,16 @@ def write_project(size: dict[str, Any]) -> Path:
                 "num_train_epochs": size["epochs"],
                 "learning_rate": 1.0e-3,
                 "per_device_train_batch_size": 8,
-                "max_length": 256,
+                "max_length": 320,
             }
         },
         "dpo": {
             "trl": {
-                "num_train_epochs": 1,
+                "max_steps": size["dpo_steps"],
                 "learning_rate": 1.0e-4,
                 "per_device_train_batch_size": 8,
                 "beta": 0.1,
-                "max_length": 256,
+                "max_length": 320,
             }
         },
         "eval": {

@@ -131,7 +131,9 @@ def test_the_cli_evaluates_the_base_model_and_the_adapters(tmp_path: Path, tiny_
     done = runner.invoke(app, ["eval", config, "--systems", "prompt,rag,sft,sft+dpo", "--max-items", "1"])
     assert done.exit_code == 0, done.output
     assert "skipped sft+dpo: no trained model at" in done.output
-    assert re.search(r"^sft: n?.*bleu \d+\.\d{3}", done.output, flags=re.MULTILINE)
+    # The summary: metrics as rows, one column per system, each a value with its interval.
+    assert re.search(r"^metric\s+prompt\s+rag\s+sft\s+sft - prompt$", done.output, flags=re.MULTILINE)
+    assert re.search(r"^bleu\s+\d+\.\d+ \[", done.output, flags=re.MULTILINE)
 
     out = project.run_dir / "eval"
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
@@ -249,7 +251,7 @@ def test_a_full_evaluation_with_judge_questionnaire_and_cache(tmp_path: Path, ti
             ["eval", str(project.config_path), "--systems", "prompt,sft", "--judge", url, "--max-items", "1"],
         )
         assert done.exit_code == 0, done.output
-        assert re.search(r"^sft: n \d|^sft: .*bleu", done.output, flags=re.MULTILINE)
+        assert re.search(r"^rouge_l\s+\d\.\d+ \[", done.output, flags=re.MULTILINE)
         assert "other-judge" in {b["model"] for b in judge.requests}
         metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
         assert set(metrics["systems"]) == {"prompt", "sft"} and metrics["counts"]["items"] == 4

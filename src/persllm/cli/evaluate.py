@@ -28,29 +28,25 @@ def eval_command(
     ] = None,
     set_options: SetOption = None,
 ) -> None:
-    """Answer the held-out questions with every system, score them, and write eval/report.html.
+    """Answer the evaluation questions with every system, score them, and write eval/report.html.
 
-    Systems whose models are missing are skipped with a note. Every call is cached, so a re-run only
+    Two sets: the persons' held-out own words (each passage's back-written question, scored against the
+    real passage) and the annotator's held-out dialogues. Every metric comes with a paired bootstrap 95%
+    interval; the summary marks differences to the baseline whose interval excludes 0. Systems whose
+    models are missing are skipped with a note. Every call is cached, so a re-run only
     generates what is new.
 
     Example: persllm eval examples/demo/persllm.yaml --systems prompt,sft --max-items 5
     """
     from persllm import evaluate
+    from persllm.cli.run import headline
 
     project = load(config, set_options)
     names = [name.strip() for name in systems.split(",") if name.strip()] if systems else None
     result = evaluate.run(project, systems=names, judge=judge, max_items=max_items)
     for name, reason in result["settings"]["skipped"].items():
         typer.echo(f"skipped {name}: {reason}", err=True)
-    for name, data in result["systems"].items():
-        overall = data["overall"]
-        shown = ", ".join(
-            f"{key} {value:.3f}"
-            for key, value in overall.items()
-            if isinstance(value, float) and key != "completion_tokens"
-        )
-        typer.echo(f"{name}: {shown}")
-    typer.echo(f"report: {project.run_dir / 'eval' / 'report.html'}")
+    typer.echo(headline(project.run_dir / "eval"))
 
 
 @app.command("report")
