@@ -78,7 +78,12 @@ def test_smollm2_writes_a_parsed_record_through_the_fallback(indexed: Path, tmp_
         indexed,
         tmp_path,
         "bundled:smollm2",
-        **{"annotator.params": {"temperature": 0.7, "max_tokens": 160}, "annotate.max_attempts": 3},
+        **{
+            "annotator.params": {"temperature": 0.7, "max_tokens": 160},
+            "annotate.max_attempts": 3,
+            # The annotator's own reply path (own words are on by default with a bundled annotator).
+            "annotate.own_words_share": {"ordinary": 0.0, "opinion": 0.0},
+        },
     )
     result = run(project, limit=1, progress=False)
     assert result["done"] == 1, result

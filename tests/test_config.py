@@ -192,7 +192,8 @@ def test_preset_sits_between_yaml_and_set(
 def test_demo_presets_are_valid() -> None:
     demo = Path(__file__).resolve().parent.parent / "examples" / "demo" / "persllm.yaml"
     default, large = load_project(demo), load_project(demo, preset="large")
-    assert large.config.annotate.counts.ordinary == 10 * default.config.annotate.counts.ordinary
+    assert large.config.annotate.counts.ordinary > 2 * default.config.annotate.counts.ordinary
+    assert set(large.config.eval.systems) == {"prompt", "rag", "sft", "sft+dpo"}
     assert large.config.sft.trl["num_train_epochs"] > default.config.sft.trl["num_train_epochs"]
 
 

@@ -88,7 +88,7 @@ def back_writer(body: dict[str, Any]) -> str:
     prompt = body["messages"][-1]["content"]
     if "RESPONSE:" in prompt:
         return "ANALYSIS: The user is wrong about the date.\nRESPONSE: No, it was not so; I was there."
-    if "analysis" in body["messages"][0]["content"].lower() or "notes" in prompt:
+    if "said or wrote at this time, in their own words" not in prompt:
         return "The user asks a plain question and I answer it plainly."
     passage = prompt.split('"""')[1] if prompt.count('"""') >= 2 else prompt
     words = [w for w in passage.split() if w.isalpha() and len(w) > 5][:4]
@@ -154,7 +154,9 @@ def test_the_split_is_recorded_and_the_index_does_not_hold_it(annotated: Any) ->
 def test_no_held_out_text_reaches_training_data_or_retrieved_context(annotated: Any) -> None:
     project = annotated
     held = set(heldout_texts(project))
-    references = {reply_cut(text, 60) for text in held}  # what the evaluation compares with
+    references = {
+        reply_cut(text, project.config.annotate.own_words_max_words) for text in held
+    }  # what the evaluation compares with
     training = [
         *project.run_dir.glob("annotations/*.jsonl"),
         *project.run_dir.glob("data/*/*.jsonl"),
@@ -179,7 +181,8 @@ def test_own_words_records_train_and_held_out_questions_stay_apart(annotated: An
     assert len(own) == 2 * 8 and {r["kind"] for r in own} == {"ordinary", "opinion"}
     for record in own:
         assert record["seed"]["source"] == "style" and record["reply"]["ref"] == record["seed"]["ref"]
-        assert record["turns"][1]["content"] == reply_cut(record["seed"]["text"], 60)
+        cut = project.config.annotate.own_words_max_words
+        assert record["turns"][1]["content"] == reply_cut(record["seed"]["text"], cut)
         assert record["turns"][0]["content"].endswith("?")
     assert len({r["seed"]["ref"] for r in own}) == len(own)  # no passage answers twice
     assert all(r["reply"] == {"source": "annotator"} for r in records if r not in own)
@@ -213,7 +216,8 @@ def test_a_stage_too_small_for_a_strict_split_is_exit_2_and_writes_nothing(tmp_p
 
     root = tmp_path / "demo"
     shutil.copytree(EXAMPLE, root, ignore=shutil.ignore_patterns("runs"))
-    (root / "corpus" / "jonah" / "mayor" / "style.txt").write_text("Only one passage of mine.\n")
+    only = "Only this one passage of mine is left in the file, and it is long enough to count.\n"
+    (root / "corpus" / "jonah" / "mayor" / "style.txt").write_text(only)
     persllm = Path(sys.executable).with_name("persllm")
     result = subprocess.run(
         [str(persllm), "index", str(root / "persllm.yaml")], capture_output=True, text=True, timeout=300
