@@ -215,7 +215,7 @@ def interval_text(estimate: dict[str, Any] | None, signed: bool = False) -> str:
 def print_table(title: str, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
-    columns = list(rows[0])
+    columns = list(dict.fromkeys(key for row in rows for key in row))
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
     print(f"\n{title}")
     print("  ".join(c.ljust(widths[c]) for c in columns))
