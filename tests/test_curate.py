@@ -185,6 +185,10 @@ def test_system_prompt_is_pure_and_names_person_profile_and_time() -> None:
     assert "  " not in text and "{" not in text
     with pytest.raises(UserError, match="no stage 'captain'"):
         system_prompt(persona, "captain")
+    profiled = persona.model_copy(update={"profile": "A mate\n of the Gannet."})
+    assert "A mate of the Gannet." in system_prompt(profiled, "mate")
+    # brief: name and time only, whatever the profile says.
+    assert system_prompt(profiled, "mate", "brief") == "You are Ada Thorne.\nIt is 1890."
 
 
 # --------------------------------------------------------------------------- dedup (pure)
@@ -372,6 +376,16 @@ def test_rows_have_system_prompt_stage_token_and_inline_cot(tmp_path: Path) -> N
         "He did, in writing.",
     ]
     assert "<think>" not in json.dumps(rows)
+
+    # brief: name and time only in every row; stats say so, for pairs and training to follow.
+    project = load_project(
+        path, {"curate.test_fraction": 0.0, "curate.system_prompt": "brief", "curate.min_response_words": 3}
+    )
+    curate.run(project, ["elsie"])
+    rows = {r["meta"]["id"]: r for r in read_jsonl(project.run_dir / "data" / "elsie" / "sft_train.jsonl")}
+    assert rows["multi"]["messages"][0]["content"] == "You are Elsie Wren.\nIt is 1905, in Carrow Bay."
+    stats = json.loads((project.run_dir / "data" / "elsie" / "stats.json").read_text())
+    assert stats["curate"]["system_prompt"] == "brief"
 
 
 def test_run_split_is_deterministic_and_stratified(tmp_path: Path) -> None:

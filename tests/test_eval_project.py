@@ -177,6 +177,11 @@ def test_each_system_is_prompted_its_own_way(project: Project) -> None:
     assert prompt == [{"role": "system", "content": item.system}, {"role": "user", "content": item.question}]
     trained = messages_for(System("sft", base, "trained"), item)
     assert trained[1]["content"] == "<TIME-I> Who keeps the light?" and trained[0] == prompt[0]
+    # A model trained on brief prompts gets the brief prompt; the baseline keeps the profile.
+    brief = messages_for(System("sft", base, "trained", styles={"elsie": "brief"}), item)
+    assert brief[0]["content"] == item.brief and brief[1] == trained[1]
+    assert "of Carrow Bay" in item.system and "of Carrow Bay" not in item.brief
+    assert item.brief.startswith("You are Elsie") and "keeper years" in item.brief
     rag = messages_for(System("rag", base, "rag"), item)
     assert rag[0]["content"].startswith(item.system)
     assert item.context is not None and item.context["knowledge"] in rag[0]["content"]

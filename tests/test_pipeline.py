@@ -15,9 +15,11 @@ from persllm import pipeline
 from persllm.cli.app import app
 from persllm.cli.run import headline
 from persllm.config import load_project
+from persllm.curate.format import system_prompt
 from persllm.errors import UserError
 from persllm.jsonl import read_jsonl
 from persllm.manifest import load_manifest
+from persllm.train.common import system_style
 from tests.fake_openai import FakeOpenAI
 from tests.test_eval_project import make_project
 
@@ -60,7 +62,12 @@ def write_config(path: Path, base_model: Path, fake_url: str, ordinary: int = 2)
                 "counts": {"ordinary": ordinary, "misleading": 1, "opinion": 1},
                 "multi_turn_share": 0.0,
             },
-            "curate": {"min_response_words": 3, "min_analysis_words": 1, "test_fraction": 0.25},
+            "curate": {
+                "min_response_words": 3,
+                "min_analysis_words": 1,
+                "test_fraction": 0.25,
+                "system_prompt": "brief",
+            },
             "pairs": {"min_difference": 0.05},
             "base_model": {"backend": "transformers", "model": str(base_model), "params": {"max_tokens": 12}},
             "sft": {"trl": {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-3}},
@@ -97,6 +104,22 @@ def test_run_then_skip_then_rerun_from_annotate(pipeline_project: Path, tmp_path
             assert (run_dir / "models" / persona / "sft" / "adapter_config.json").exists()
             assert (run_dir / "models" / persona / "dpo" / "adapter_config.json").exists()
         assert (run_dir / "eval" / "metrics.json").exists()
+        # curate.system_prompt: brief reaches the SFT rows, the DPO prompts, the models and evaluation,
+        # where the baseline keeps the full prompt (profile included) on the same items.
+        elsie = project.persona("elsie")
+        for stage in elsie.stages:
+            brief = system_prompt(elsie, stage, "brief")
+            rows = [r for r in read_jsonl(run_dir / "data" / "elsie" / "sft_train.jsonl")]
+            assert {r["messages"][0]["content"] for r in rows if r["meta"]["stage"] == stage.id} == {brief}
+        pairs = read_jsonl(run_dir / "data" / "elsie" / "dpo_train.jsonl")
+        assert {p["prompt"][0]["content"] for p in pairs} <= {system_prompt(elsie, s, "brief") for s in elsie.stages}
+        for variant in ("sft", "dpo"):
+            assert system_style(run_dir / "models" / "elsie" / variant) == "brief"
+        generations = read_jsonl(run_dir / "eval" / "generations.jsonl")
+        prompt_tokens = {(g["system"], g["item"]): g["prompt_tokens"] for g in generations}
+        for (name, item), tokens in prompt_tokens.items():
+            if name != "prompt":
+                assert tokens < prompt_tokens[("prompt", item)] - 20
         manifest = load_manifest(run_dir)
         assert all(manifest["pipeline"][name]["status"] == "done" for name in STAGES)
         summary = {line.split()[0]: line for line in pipeline.format_summary(first).splitlines()}

@@ -91,21 +91,21 @@ def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]
             for record in side_records:
                 counts.add(record["stage"], record["kind"], side)
         train_rows, n_general = training_mix(
-            [sft_row(r, persona, cfg.cot) for r in train],
+            [sft_row(r, persona, cfg.cot, cfg.system_prompt) for r in train],
             cfg.repeat,
             general,
             cfg.general_ratio,
             seed,
             persona_id,
         )
-        test_rows = [sft_row(r, persona, cfg.cot) for r in test]
+        test_rows = [sft_row(r, persona, cfg.cot, cfg.system_prompt) for r in test]
 
         # Write: data files atomically, then the stats that describe them.
         out = data_dir(project, persona_id)
         write_jsonl(out / "sft_train.jsonl", train_rows)
         write_jsonl(out / "sft_test.jsonl", test_rows)
         stats = counts.summary(len(train_rows), n_general, len(test_rows))
-        stats.update({"repeat": cfg.repeat, "cot": cfg.cot, "seed": seed})
+        stats.update({"repeat": cfg.repeat, "cot": cfg.cot, "system_prompt": cfg.system_prompt, "seed": seed})
         update_stats(out / "stats.json", "curate", stats)
         summary[persona_id] = stats
 

@@ -43,6 +43,12 @@ class CurateConfig(Section):
     general_ratio: float = Field(
         0.0, ge=0, description="General records per personified record in the training mix."
     )
+    system_prompt: Literal["full", "brief"] = Field(
+        "full",
+        description="System prompt of the training rows, and so of the trained systems wherever they "
+        "run: full = name, profile, time and how to answer; brief = name and time only (the persona is "
+        "learnt from the data; each step is about half as long). The baselines always get full.",
+    )
     cot: Literal["inline", "none"] = Field(
         "inline",
         description="inline: the target is <think>analysis</think> then the response; none: response.",

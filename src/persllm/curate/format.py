@@ -14,18 +14,26 @@ if TYPE_CHECKING:  # persllm.config imports this package's config: no runtime im
     from persllm.config import PersonaConfig, StageConfig
 
 CotMode = Literal["inline", "none"]
-SYSTEM_TEMPLATE = Path(__file__).with_name("prompts") / "system.txt"
+# full: name, profile, time and how to answer; brief: name and time (a trained model carries the rest).
+SystemStyle = Literal["full", "brief"]
+PROMPTS = Path(__file__).with_name("prompts")
+SYSTEM_TEMPLATES: dict[str, Path] = {"full": PROMPTS / "system.txt", "brief": PROMPTS / "system_brief.txt"}
 
 
 @cache
-def _system_template() -> str:
-    return SYSTEM_TEMPLATE.read_text(encoding="utf-8")
+def _system_template(style: SystemStyle) -> str:
+    return SYSTEM_TEMPLATES[style].read_text(encoding="utf-8")
 
 
-def system_prompt(persona: "PersonaConfig", stage: "StageConfig | str") -> str:
-    """The system prompt of ``persona`` at ``stage`` (a stage or its id): name, profile, time phrase."""
+def system_prompt(persona: "PersonaConfig", stage: "StageConfig | str", style: SystemStyle = "full") -> str:
+    """The system prompt of ``persona`` at ``stage`` (a stage or its id).
+
+    ``full`` (what the baselines always get): name, profile, time phrase and how to answer. ``brief``:
+    name and time phrase only, for training rows when ``curate.system_prompt: brief`` (the persona is
+    then learnt from the data, and every training step is shorter).
+    """
     stage_cfg = persona.stage(stage) if isinstance(stage, str) else stage
-    text = _system_template().format(
+    text = _system_template(style).format(
         name=persona.name.strip(), profile=" ".join(persona.profile.split()), time=stage_cfg.time.strip()
     )
     lines = [" ".join(line.split()) for line in text.splitlines()]
@@ -56,10 +64,12 @@ def dialogue_messages(turns: list[dict[str, Any]], label: str | None, cot: CotMo
     return messages
 
 
-def sft_row(record: dict[str, Any], persona: "PersonaConfig", cot: CotMode) -> dict[str, Any]:
+def sft_row(
+    record: dict[str, Any], persona: "PersonaConfig", cot: CotMode, style: SystemStyle = "full"
+) -> dict[str, Any]:
     """One training row in TRL's ``messages`` form, with the record's provenance in ``meta``."""
     stage = persona.stage(record["stage"])
-    messages = [{"role": "system", "content": system_prompt(persona, stage)}]
+    messages = [{"role": "system", "content": system_prompt(persona, stage, style)}]
     messages += dialogue_messages(record["turns"], stage.label, cot)
     meta = {
         "id": record["id"],

@@ -4,9 +4,13 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from persllm.curate.filters import REMOVALS
+
+if TYPE_CHECKING:
+    from persllm.curate.config import CurateConfig
+    from persllm.curate.format import CotMode, SystemStyle
 
 
 def update_stats(path: Path, key: str, value: dict[str, Any]) -> None:
@@ -65,3 +69,14 @@ class CurateCounts:
             "train": counts["train"],
             "test": counts["test"],
         }
+
+
+def curated_format(stats_path: Path, cfg: "CurateConfig") -> tuple["CotMode", "SystemStyle"]:
+    """The CoT mode and system prompt style the SFT data was written with (pairs must match them,
+    whatever the config says now)."""
+    curated = read_stats(stats_path).get("curate", {})
+    cot, style = curated.get("cot"), curated.get("system_prompt")
+    return (
+        cot if cot in ("inline", "none") else cfg.cot,
+        style if style in ("full", "brief") else cfg.system_prompt,
+    )

@@ -146,9 +146,8 @@ def interview(
     Answers are scored by the judge when one is given, else by the number the model wrote. Returns
     ``{system: {persona: {traits, target, distance, answered, asked}}}``; ``backends`` are reused models.
     """
-    from persllm.curate.format import system_prompt
     from persllm.evaluate.systems import Item as Held
-    from persllm.evaluate.systems import Request, generate, messages_for, retrieval_context
+    from persllm.evaluate.systems import Request, generate, messages_for, retrieval_context, stage_prompts
 
     cfg = project.config.eval
     assert cfg.questionnaire is not None
@@ -166,6 +165,7 @@ def interview(
         try:
             for persona in project.personas.values():
                 stage = persona.stages[-1]
+                full, brief = stage_prompts(persona, stage)
                 for index, question in enumerate(questions):
                     held = Held(
                         id=f"{persona.id}:q{index}",
@@ -173,7 +173,8 @@ def interview(
                         stage=stage.id,
                         kind="questionnaire",
                         label=stage.label,
-                        system=system_prompt(persona, stage),
+                        system=full,
+                        brief=brief,
                         question=interview_question(question),
                         reference="",
                     )

@@ -5,7 +5,8 @@ Systems:
 - ``rag``: the same plus the context the annotator retrieved for the item (the annotation record's, or
   re-retrieved from the index when the record has none).
 - ``sft`` / ``sft+dpo``: the base model with ``models/<persona>/sft`` or ``/dpo``, prompted exactly like
-  the training data (system prompt, label token before the first user turn).
+  the training data (the system prompt style it was trained with, label token before the first user
+  turn).
 - any name in ``eval.extra_systems``: that model, prompted like ``prompt``.
 
 Each item is its first exchange: the system prompt and first user turn, and the reference reply. Items
@@ -19,15 +20,20 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from persllm.config import Project
 from persllm.cot import split_inline
+from persllm.curate.format import SystemStyle, system_prompt
 from persllm.errors import UserError
 from persllm.evaluate.judge import render
 from persllm.jsonl import read_jsonl
 from persllm.llm.base import Completion, Message
 from persllm.llm.config import LLMConfig
+from persllm.train.common import system_style
+
+if TYPE_CHECKING:
+    from persllm.config import PersonaConfig, StageConfig
 
 BUILTIN = ("prompt", "rag", "sft", "sft+dpo")
 ADAPTER_OF = {"sft": "sft", "sft+dpo": "dpo"}
@@ -48,6 +54,12 @@ class Item:
     reference: str
     context: dict[str, str] | None = None
     set: str = "golden"
+    brief: str = ""  # the brief system prompt, for models trained with curate.system_prompt: brief
+
+
+def stage_prompts(persona: "PersonaConfig", stage: "StageConfig") -> tuple[str, str]:
+    """An ``Item``'s ``system`` (full: what the baselines get) and ``brief`` prompts for a persona's stage."""
+    return system_prompt(persona, stage, "full"), system_prompt(persona, stage, "brief")
 
 
 @dataclass
@@ -58,6 +70,7 @@ class System:
     llm: LLMConfig
     mode: Literal["prompt", "rag", "trained"]
     adapters: dict[str, Path] = field(default_factory=dict)
+    styles: dict[str, SystemStyle] = field(default_factory=dict)  # persona -> how its model was trained
 
 
 @dataclass
@@ -88,14 +101,15 @@ def load_items(project: Project, max_items: int | None) -> list[Item]:
                 continue
             taken[item.stage] += 1
             item.context = contexts.get(item.id)
+            if item.persona in project.personas:
+                persona = project.personas[item.persona]
+                item.system, item.brief = stage_prompts(persona, persona.stage(item.stage))
             items.append(item)
     return items
 
 
 def load_heldout_items(project: Project, max_items: int | None) -> list[Item]:
     """The held-out own-words items: one per held-out passage with a back-written question."""
-    from persllm.curate.format import system_prompt
-
     items: list[Item] = []
     for persona_id, persona in project.personas.items():
         path = project.run_dir / "annotations" / "heldout" / f"{persona_id}.jsonl"
@@ -112,6 +126,7 @@ def load_heldout_items(project: Project, max_items: int | None) -> list[Item]:
                 continue
             taken[stage_id] += 1
             stage = persona.stage(stage_id)
+            full, brief = stage_prompts(persona, stage)
             items.append(
                 Item(
                     id=str(record["id"]),
@@ -119,7 +134,8 @@ def load_heldout_items(project: Project, max_items: int | None) -> list[Item]:
                     stage=stage_id,
                     kind=str(record.get("kind", "ordinary")),
                     label=stage.label,
-                    system=system_prompt(persona, stage),
+                    system=full,
+                    brief=brief,
                     question=turns[0]["content"].strip(),
                     reference=turns[1]["content"].strip(),
                     set="heldout",
@@ -184,7 +200,8 @@ def plan_systems(project: Project, names: list[str]) -> tuple[list[System], dict
                 where = ", ".join(str(adapters[p]) for p in missing)
                 skipped[name] = f"no trained model at {where}; run `persllm train` first"
                 continue
-            planned.append(System(name, base, "trained", adapters))
+            styles = {p: system_style(path) for p, path in adapters.items()}
+            planned.append(System(name, base, "trained", adapters, styles))
         elif name in cfg.eval.extra_systems:
             planned.append(System(name, cfg.eval.extra_systems[name], "prompt"))
         else:
@@ -204,7 +221,8 @@ def messages_for(
     """The conversation a system sees for an item: trained systems get the label token, rag the context."""
     if system.mode == "trained":
         question = f"{item.label} {item.question}" if item.label else item.question
-        return [{"role": "system", "content": item.system}, {"role": "user", "content": question}]
+        trained = item.brief if system.styles.get(item.persona) == "brief" and item.brief else item.system
+        return [{"role": "system", "content": trained}, {"role": "user", "content": question}]
     prompt = item.system
     if system.mode == "rag":
         found = item.context if item.context is not None else (context(item) if context else None)

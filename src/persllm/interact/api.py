@@ -144,7 +144,7 @@ def prompt_messages(
             turns.append({"role": "user", "content": text})
     if ref.persona is not None and ref.stage is not None:
         persona = project.persona(ref.persona)
-        system.insert(0, persona_system(persona, ref.stage, knowledge, style))
+        system.insert(0, persona_system(persona, ref.stage, knowledge, style, ref.system_style))
     head = [{"role": "system", "content": "\n\n".join(system)}] if system else []
     return head + merge_consecutive(turns)
 

@@ -165,7 +165,7 @@ def make_agent(project: Project, key: str, cfg: ConverseConfig) -> Agent:
             raise UserError(f"--personas: {key!r} is no agent, persona or model id; use one of: {known}")
         persona = project.personas[persona_id]
         ref = resolve_model_id(project, key if rest else f"{key}:{persona.stages[-1].id}")
-        system = persona_system(persona, ref.stage or "")
+        system = persona_system(persona, ref.stage or "", prompt_style=ref.system_style)
         return Agent(key, persona.name, ref.id, system, persona, ref.stage, ref)
     return _configured_agent(project, key, spec)
 
@@ -174,15 +174,16 @@ def _configured_agent(project: Project, key: str, spec: AgentConfig) -> Agent:
     persona = project.persona(spec.persona) if spec.persona else None
     stage = (persona.stage(spec.stage).id if spec.stage else persona.stages[-1].id) if persona else None
     name = spec.name or (persona.name if persona else key)
-    if persona is not None and stage is not None:
-        system = spec.system or persona_system(persona, stage)
-    else:
-        system = spec.system or f"You are {name}."
     if spec.llm is not None:
+        if persona is not None and stage is not None:
+            system = spec.system or persona_system(persona, stage)
+        else:
+            system = spec.system or f"You are {name}."
         return Agent(key, name, f"{spec.llm.backend}:{spec.llm.model}", system, persona, stage, llm=spec.llm)
     assert persona is not None and stage is not None
     model = spec.model if spec.model != "best" else best_variant(project, persona.id)
     ref = chat_ref(project, persona.id, stage, model)
+    system = spec.system or persona_system(persona, stage, prompt_style=ref.system_style)
     return Agent(key, name, ref.id, system, persona, stage, ref)
 
 

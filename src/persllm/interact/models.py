@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from persllm.config import Project
+from persllm.curate.format import SystemStyle
 from persllm.errors import UserError
 from persllm.hashing import stable_hash
 from persllm.llm.base import Completion, Message
 from persllm.llm.config import LLMConfig
+from persllm.train.common import system_style
 
 BASE = "base"
 PROMPT = "prompt"
@@ -38,6 +40,11 @@ class ModelRef:
     variant: str = BASE
     path: Path | None = None
     show_analysis: bool = False
+
+    @property
+    def system_style(self) -> SystemStyle:
+        """The system prompt style the model was trained with (``full`` for the base model)."""
+        return system_style(self.path) if self.path is not None else "full"
 
 
 def trained_dir(project: Project, persona: str, variant: str) -> Path | None:
@@ -127,6 +134,7 @@ class Speaker:
     label: str | None = None
     fixed: dict[str, Any] = field(default_factory=dict)
     own_tokenizer: Any = None  # an adapter's tokenizer (with its stage tokens), else the backend's
+    system_style: SystemStyle = "full"  # the system prompt style the model was trained with
 
     @property
     def tokenizer(self) -> Any | None:
@@ -197,10 +205,12 @@ class ModelPool:
             return Speaker(self.base(), fixed={"adapter": BASE} if self.cfg.backend == "transformers" else {})
         persona = self.project.persona(ref.persona) if ref.persona else None
         label = persona.stage(ref.stage).label if persona is not None and ref.stage else None
+        style = ref.system_style
         if not (ref.path / "adapter_config.json").exists():
-            return Speaker(self._full_model(ref.path), label=label)
+            return Speaker(self._full_model(ref.path), label=label, system_style=style)
         fixed = {"adapter": self.adapter(ref)}
-        return Speaker(self.base(), label=label, fixed=fixed, own_tokenizer=self._tokenizer(ref.path))
+        tokenizer = self._tokenizer(ref.path)
+        return Speaker(self.base(), label=label, fixed=fixed, own_tokenizer=tokenizer, system_style=style)
 
     def adapter(self, ref: ModelRef) -> str:
         """The adapter name of ``ref`` in the base model, loading the adapter the first time."""

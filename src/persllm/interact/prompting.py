@@ -16,6 +16,7 @@ from persllm.curate.format import system_prompt, with_label
 
 if TYPE_CHECKING:
     from persllm.config import PersonaConfig, StageConfig
+    from persllm.curate.format import SystemStyle
 
 PROMPTS = Path(__file__).with_name("prompts")
 Message = dict[str, str]
@@ -28,10 +29,15 @@ def template(name: str) -> str:
 
 
 def persona_system(
-    persona: "PersonaConfig", stage: "StageConfig | str", knowledge: str = "", style: str = ""
+    persona: "PersonaConfig",
+    stage: "StageConfig | str",
+    knowledge: str = "",
+    style: str = "",
+    prompt_style: "SystemStyle" = "full",
 ) -> str:
-    """The persona's training-time system prompt, plus retrieved material when there is any."""
-    text = system_prompt(persona, stage)
+    """The persona's training-time system prompt (``prompt_style``: the model's, see ``ModelRef``),
+    plus retrieved material when there is any."""
+    text = system_prompt(persona, stage, prompt_style)
     if knowledge.strip() or style.strip():
         block = template("retrieval.txt").format(
             knowledge=knowledge.strip() or "-", style=style.strip() or "-"

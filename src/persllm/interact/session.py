@@ -85,7 +85,8 @@ class ChatSession:
         knowledge, style = (
             self.retrieve(self.persona.id, self.stage, user_text) if self.retrieve else ("", "")
         )
-        system = {"role": "system", "content": persona_system(self.persona, self.stage, knowledge, style)}
+        text = persona_system(self.persona, self.stage, knowledge, style, self.speaker.system_style)
+        system = {"role": "system", "content": text}
         turns = [{"role": t["role"], "content": t["content"]} for t in self.history]
         turns.append({"role": "user", "content": user_text})
         return fit([system, *turns], self.speaker.count_tokens, self.context_tokens, self.label)

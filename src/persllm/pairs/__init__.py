@@ -11,13 +11,11 @@ import time
 from collections import Counter
 from collections.abc import Coroutine
 from itertools import accumulate
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from persllm.curate import data_dir, load_annotations, stage_fingerprint
 from persllm.curate.filters import is_well_formed
-from persllm.curate.format import CotMode
-from persllm.curate.stats import read_stats, update_stats
+from persllm.curate.stats import curated_format, update_stats
 from persllm.errors import UserError
 from persllm.jsonl import read_jsonl, write_jsonl
 from persllm.pairs.build import OUTCOMES, PROVENANCES, Candidate, opening, pair_problem, pair_row
@@ -78,7 +76,7 @@ def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]
     for persona_id in persona_ids:
         persona = project.persona(persona_id)
         out = data_dir(project, persona_id)
-        cot = curated_cot(out / "stats.json", project.config.curate.cot)
+        cot, style = curated_format(out / "stats.json", project.config.curate)
         counts = {provenance: Counter[str]() for provenance in PROVENANCES}
         rows = []
         mine = [c for c in candidates if c.record["persona"] == persona_id]
@@ -95,7 +93,7 @@ def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]
                 tally[problem] += 1
                 continue
             tally["kept"] += 1
-            rows.append(pair_row(candidate, persona, cot))
+            rows.append(pair_row(candidate, persona, cot, style))
         write_jsonl(out / "dpo_train.jsonl", rows)
         stats = {
             "sources": len(train[persona_id]),
@@ -118,12 +116,6 @@ def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]
         counts=totals,
     )
     return {**totals, "personas": summary}
-
-
-def curated_cot(stats_path: Path, default: CotMode) -> CotMode:
-    """The CoT mode the SFT data was written with (pairs must match it, whatever the config says now)."""
-    mode = read_stats(stats_path).get("curate", {}).get("cot")
-    return mode if mode in ("inline", "none") else default
 
 
 def train_records(project: "Project", persona_id: str) -> list[dict[str, Any]]:

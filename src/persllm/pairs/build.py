@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from persllm.curate.filters import word_overlap
-from persllm.curate.format import CotMode, assistant_text, system_prompt, with_label
+from persllm.curate.format import CotMode, SystemStyle, assistant_text, system_prompt, with_label
 
 if TYPE_CHECKING:
     from persllm.config import PersonaConfig
@@ -42,14 +42,16 @@ def pair_problem(chosen: str, rejected: str, min_difference: float) -> str | Non
     return None
 
 
-def pair_row(candidate: Candidate, persona: "PersonaConfig", cot: CotMode) -> dict[str, Any]:
+def pair_row(
+    candidate: Candidate, persona: "PersonaConfig", cot: CotMode, style: SystemStyle = "full"
+) -> dict[str, Any]:
     """TRL's conversational preference row, prompted and rendered exactly like the SFT data."""
     assert candidate.rejected is not None
     record = candidate.record
     stage = persona.stage(record["stage"])
     question, analysis, response = opening(record)
     prompt = [
-        {"role": "system", "content": system_prompt(persona, stage)},
+        {"role": "system", "content": system_prompt(persona, stage, style)},
         {"role": "user", "content": with_label(question, stage.label)},
     ]
     return {

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import Trainer
 
+    from persllm.curate.format import SystemStyle
+
 # transformers' models and tokenizers are typed too loosely for mypy to follow; they travel as Any.
 Model = Any
 Tokenizer = Any
@@ -384,6 +386,11 @@ def record(project: Project, stage: str, persona_id: str, info: dict[str, Any]) 
 def read_training_json(folder: Path) -> dict[str, Any]:
     path = folder / TRAINING_JSON
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def system_style(folder: Path) -> "SystemStyle":
+    """How a trained model must be prompted: the style it was trained with (``full`` for older models)."""
+    return "brief" if read_training_json(folder).get("system_prompt") == "brief" else "full"
 
 
 def is_adapter(folder: Path) -> bool:

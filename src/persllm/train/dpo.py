@@ -102,6 +102,7 @@ def run(project: Project, persona_id: str, resume: bool = False, **overrides: An
             "adapter_base": adapter_base,
             "reference": str(sft_dir),
             "stage_tokens": sft_info.get("stage_tokens", {}),
+            "system_prompt": common.system_style(sft_dir),
             "train_rows": len(train_set),
             "config": {
                 "trl": common.trl_kwargs(project, "dpo", checkpoints, overrides),

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from persllm.config import Project
+from persllm.curate.stats import curated_format
 from persllm.train import common
 
 
@@ -92,6 +93,7 @@ def run(project: Project, persona_id: str, resume: bool = False, **overrides: An
             "adapter_base": "base_model",
             "stage_tokens": stage_tokens,
             "added_token_ids": new_ids,
+            "system_prompt": curated_format(data_dir / "stats.json", project.config.curate)[1],
             "train_rows": len(train_set),
             "test_rows": len(test_set) if test_set is not None else 0,
             "config": {
