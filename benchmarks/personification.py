@@ -56,8 +56,8 @@ PERSONAS = {
     },
 }
 SIZES: dict[str, dict[str, Any]] = {
-    "small": {"heldout": 8, "own_words": 16, "samples": 1, "epochs": 2, "dpo_steps": 3},
-    "full": {"heldout": 15, "own_words": 40, "samples": 2, "epochs": 2, "dpo_steps": 8},
+    "small": {"heldout": 8, "own_words": 16, "samples": 1, "epochs": 3, "dpo_steps": 3},
+    "full": {"heldout": 15, "own_words": 40, "samples": 2, "epochs": 3, "dpo_steps": 8},
 }
 
 
@@ -95,7 +95,7 @@ def write_project(size: dict[str, Any]) -> Path:
             "own_words_analysis": False,
             "multi_turn_share": 0,
         },
-        "curate": {"cot": "none"},
+        "curate": {"cot": "none", "system_prompt": "brief"},
         "pairs": {"similarity_min": 0.2},
         "base_model": {"model": "bundled:smollm2", "concurrency": 16},
         "sft": {
@@ -118,7 +118,8 @@ def write_project(size: dict[str, Any]) -> Path:
         "eval": {
             "systems": SYSTEMS,
             "samples": size["samples"],
-            "params": {"temperature": 0.7, "max_tokens": 48},
+            # Greedy with one sample; the Intra distinction needs two sampled answers per item.
+            "params": {"temperature": 0.7 if size["samples"] > 1 else 0, "max_tokens": 48},
         },
     }
     path = PROJECT / "persllm.yaml"
