@@ -1,17 +1,21 @@
-"""Local generation throughput: batched against one-by-one, through persllm's transformers backend.
+"""Local generation throughput: transformers against llama.cpp, one at a time and concurrently.
 
-Evaluation answers hundreds of held-out questions per system; the backend's ``generate_batch`` left-pads
-similar-length prompts into batches. This times the same prompts (a persona system prompt and 16
-different questions, greedy, ``--new-tokens`` each) generated one at a time and in one batch, with
-SmolLM2-135M-Instruct (``bundled:smollm2``) on the CPU, after one warm-up call. No cache is used.
+Evaluation and annotation send hundreds of calls; a local backend decodes concurrent calls together
+(transformers: left-padded batches; llamacpp: llama.cpp's parallel slots). This times the same prompts
+(a persona system prompt and 16 different questions, greedy, ``--new-tokens`` each) through each
+backend's async ``generate`` with SmolLM2-135M-Instruct (``bundled:smollm2``: transformers runs its fp32
+conversion, llama.cpp the Q4_1 GGUF file itself) on the CPU, at concurrency 1, 8 and 16, after one
+warm-up call. No cache is used.
 
-    .venv/bin/python benchmarks/generation.py [--prompts 16] [--new-tokens 48] [--batch 16] [--threads N]
+    .venv/bin/python benchmarks/generation.py [--prompts 16] [--new-tokens 48] [--concurrency 1,8,16]
 
 Prints a table and writes benchmarks/out/generation.json. Tokens/s counts the tokens each reply really
-has (a reply that ends early is not padded to ``--new-tokens``).
+has (a reply that ends early is not padded to ``--new-tokens``); ``speedup`` is llama.cpp over
+transformers at the same concurrency.
 """
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -52,12 +56,62 @@ def conversations(n: int) -> list[list[dict[str, str]]]:
     return [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in questions]
 
 
-def timed(
-    backend: Any, batches: list[list[list[dict[str, str]]]], params: dict[str, Any]
-) -> tuple[float, list[Any]]:
-    started = time.perf_counter()
-    replies = [reply for batch in batches for reply in backend.generate_batch(batch, params)]
-    return time.perf_counter() - started, replies
+BACKENDS = ("transformers", "llamacpp")
+
+
+async def waves(
+    backend: Any, prompts: list[list[dict[str, str]]], size: int, params: dict[str, Any]
+) -> list[Any]:
+    """The prompts in waves of ``size`` concurrent calls."""
+    replies: list[Any] = []
+    for start in range(0, len(prompts), size):
+        wave = prompts[start : start + size]
+        replies += await asyncio.gather(*(backend.generate(p, params) for p in wave))
+    return replies
+
+
+def measure(name: str, model: str, size: int, prompts: list[Any], params: dict[str, Any]) -> dict[str, Any]:
+    from persllm.llm import make_backend
+    from persllm.llm.config import LLMConfig
+
+    cfg = LLMConfig.model_validate({"backend": name, "model": model, "device": "cpu", "concurrency": size})
+    backend: Any = make_backend(cfg)  # no cache: every call really generates
+
+    async def run() -> tuple[float, float, list[Any]]:
+        began = time.perf_counter()
+        await backend.generate(prompts[0], {**params, "max_tokens": 4})  # loads the model; warms up
+        loaded = time.perf_counter() - began
+        began = time.perf_counter()
+        replies = await waves(backend, prompts, size, params)
+        seconds = time.perf_counter() - began
+        await backend.aclose()
+        return loaded, seconds, replies
+
+    loaded, seconds, replies = asyncio.run(run())
+    tokens = sum(r.completion_tokens for r in replies)
+    return {
+        "backend": name,
+        "concurrency": size,
+        "prompts": len(replies),
+        "new_tokens": tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "load_seconds": round(loaded, 1),
+        "texts": [r.text for r in replies],
+    }
+
+
+def agree(first: list[str], second: list[str], words: int | None = None) -> str:
+    """How many replies are the same (or start with the same ``words`` words), as ``n/total``."""
+    same = sum(
+        (a.split()[:words] == b.split()[:words]) if words else a == b
+        for a, b in zip(first, second, strict=True)
+    )
+    return f"{same}/{len(first)}"
+
+
+def verdict(value: float, target: float) -> str:
+    return f"{value:.2f}x ({'met' if value >= target else 'missed'}; target {target:g}x)"
 
 
 def main() -> None:
@@ -65,59 +119,44 @@ def main() -> None:
     parser.add_argument("--model", default="bundled:smollm2")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--concurrency", default="1,8,16", help="comma-separated concurrency levels")
     args = parser.parse_args()
 
     import torch
 
-    from persllm.llm import make_backend
-    from persllm.llm.config import LLMConfig
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = LLMConfig.model_validate(
-        {"backend": "transformers", "model": args.model, "device": "cpu", "concurrency": args.batch}
-    )
-    backend: Any = make_backend(cfg)  # no cache: every call really generates
     params = {"temperature": 0.0, "max_tokens": args.new_tokens}
     prompts = conversations(args.prompts)
     load_average = os.getloadavg()[0]
-
-    started = time.perf_counter()
-    backend.generate_batch(prompts[:1], {**params, "max_tokens": 4})  # loads the model; warms up
-    load_seconds = time.perf_counter() - started
-    sequential_s, one_by_one = timed(backend, [[p] for p in prompts], params)
-    batched_s, together = timed(backend, [prompts], params)
-
-    rows = []
-    for mode, seconds, replies, size in (
-        ("sequential", sequential_s, one_by_one, 1),
-        ("batched", batched_s, together, min(args.batch, args.prompts)),
-    ):
-        tokens = sum(r.completion_tokens for r in replies)
-        rows.append(
-            {
-                "mode": mode,
-                "batch_size": size,
-                "prompts": len(replies),
-                "new_tokens": tokens,
-                "seconds": round(seconds, 2),
-                "tokens_per_s": round(tokens / seconds, 1),
-            }
-        )
-    speedup = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
-    same = sum(a.text == b.text for a, b in zip(one_by_one, together, strict=True))
+    levels = [int(level) for level in args.concurrency.split(",")]
+    rows = [measure(name, args.model, size, prompts, params) for size in levels for name in BACKENDS]
+    texts = {(m["backend"], m["concurrency"]): m.pop("texts") for m in rows}
+    speedups = {}
+    for size in levels:
+        by = {m["backend"]: m for m in rows if m["concurrency"] == size}
+        speedups[f"c{size}"] = round(by["llamacpp"]["tokens_per_s"] / by["transformers"]["tokens_per_s"], 2)
+    best = {name: max(m["tokens_per_s"] for m in rows if m["backend"] == name) for name in BACKENDS}
+    low, high = levels[0], levels[-1]
+    single_speedup = speedups[f"c{low}"]
+    best_speedup = round(best["llamacpp"] / best["transformers"], 2)
+    same = {f"{name} c{low} vs c{high}": agree(texts[(name, low)], texts[(name, high)]) for name in BACKENDS}
+    same[f"first 3 words, transformers vs llamacpp, c{low}"] = agree(
+        texts[("transformers", low)], texts[("llamacpp", low)], words=3
+    )
+    single = {m["backend"]: m["tokens_per_s"] for m in rows if m["concurrency"] == low}
     result = {
         "rows": rows,
-        "speedup": round(speedup, 2),
-        "same_text": f"{same}/{len(prompts)}",
+        "speedup": speedups,
+        "targets": {
+            "single_stream_4x": verdict(single_speedup, 4.0),
+            "best_concurrent_2x": verdict(best_speedup, 2.0),
+        },
+        "same_text": same,
         "settings": {
             "model": args.model,
             "max_new_tokens": args.new_tokens,
             "greedy": True,
             "torch_threads": torch.get_num_threads(),
-            "model_load_seconds": round(load_seconds, 1),
+            "single_stream_tokens_per_s": single,
         },
         "machine": {
             "python": platform.python_version(),
@@ -127,16 +166,15 @@ def main() -> None:
         },
     }
 
-    print(f"{'mode':<12}{'batch':>6}{'prompts':>9}{'tokens':>8}{'seconds':>10}{'tok/s':>9}")
+    print(f"{'backend':<14}{'conc':>5}{'prompts':>9}{'tokens':>8}{'seconds':>10}{'tok/s':>9}")
     for row in rows:
         print(
-            f"{row['mode']:<12}{row['batch_size']:>6}{row['prompts']:>9}{row['new_tokens']:>8}"
+            f"{row['backend']:<14}{row['concurrency']:>5}{row['prompts']:>9}{row['new_tokens']:>8}"
             f"{row['seconds']:>10.2f}{row['tokens_per_s']:>9.1f}"
         )
-    print(
-        f"speedup {speedup:.2f}x; identical greedy replies {same}/{len(prompts)} "
-        "(left padding shifts the numerics a little)"
-    )
+    print("llama.cpp / transformers: " + ", ".join(f"{k} {v}x" for k, v in speedups.items()))
+    for key, value in result["targets"].items():
+        print(f"target {key}: {value}")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {OUT}")

@@ -83,7 +83,12 @@ def write_project(size: dict[str, Any]) -> Path:
         "holdout": {"share": 0.01, "min_passages": size["heldout"], "max_passages": size["heldout"]},
         "corpus": {"max_words": 90},
         "retrieval": {"knowledge_words": 160, "style_words": 80},
-        "annotator": {"model": "bundled:smollm2", "concurrency": 16, "params": {"temperature": 0.7}},
+        "annotator": {
+            "backend": "llamacpp",
+            "model": "bundled:smollm2",
+            "concurrency": 16,
+            "params": {"temperature": 0.7},
+        },
         "annotate": {
             "counts": {
                 "ordinary": size["own_words"] * 3 // 4,
@@ -95,7 +100,7 @@ def write_project(size: dict[str, Any]) -> Path:
             "own_words_analysis": False,
             "multi_turn_share": 0,
         },
-        "curate": {"cot": "none", "system_prompt": "brief"},
+        "curate": {"cot": "none", "system_prompt": "brief", "question_similarity_min": 0.1},
         "pairs": {"similarity_min": 0.2},
         "base_model": {"model": "bundled:smollm2", "concurrency": 16},
         "sft": {

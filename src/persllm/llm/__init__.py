@@ -9,10 +9,15 @@ from persllm.errors import UserError
 from persllm.llm.base import ChatBackend, Completion, LLMError, Message, merge_params, run_sync
 from persllm.llm.cache import CachedBackend, CallCache, open_cache
 from persllm.llm.config import LLMConfig
+from persllm.llm.llamacpp_backend import LlamaCppBackend
 from persllm.llm.openai_backend import OpenAIBackend
 from persllm.llm.transformers_backend import TransformersBackend
 
-BACKENDS: dict[str, Any] = {"openai": OpenAIBackend, "transformers": TransformersBackend}
+BACKENDS: dict[str, Any] = {
+    "openai": OpenAIBackend,
+    "transformers": TransformersBackend,
+    "llamacpp": LlamaCppBackend,
+}
 
 
 def make_backend(cfg: LLMConfig, cache: CallCache | None = None, tag: str | None = None) -> ChatBackend:
@@ -31,6 +36,7 @@ __all__ = [
     "Completion",
     "LLMConfig",
     "LLMError",
+    "LlamaCppBackend",
     "Message",
     "OpenAIBackend",
     "TransformersBackend",

@@ -8,9 +8,11 @@ from persllm.schema import Section
 
 
 class LLMConfig(Section):
-    backend: Literal["transformers", "openai"] = Field(
+    backend: Literal["transformers", "llamacpp", "openai"] = Field(
         "transformers",
-        description="'transformers' runs a model in-process; 'openai' calls any OpenAI-compatible endpoint.",
+        description="'transformers' runs a model in-process (and trains it); 'llamacpp' runs a .gguf file "
+        "in-process with llama.cpp (parallel slots, JSON-schema grammars; generation only); 'openai' calls "
+        "any OpenAI-compatible endpoint.",
     )
     model: str = Field(
         "bundled:smollm2",
@@ -28,7 +30,10 @@ class LLMConfig(Section):
         description="Sampling parameters in OpenAI names: temperature, top_p, max_tokens, seed, stop.",
     )
     concurrency: int = Field(
-        4, ge=1, description="Requests in flight at once ('openai') or batch size (local)."
+        4,
+        ge=1,
+        description="Requests in flight at once ('openai'), batch size ('transformers') or parallel "
+        "slots ('llamacpp').",
     )
     timeout: float = Field(120.0, gt=0, description="Seconds before one request is abandoned and retried.")
     max_retries: int = Field(5, ge=0, description="Retries on 429, 5xx, timeouts and connection errors.")
