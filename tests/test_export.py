@@ -109,3 +109,131 @@ def test_lora_dpo_on_full_sft_weights_exports(tmp_path: Path, tiny_model_dir: Pa
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
     full_sft = AutoModelForCausalLM.from_pretrained(str(loaded.run_dir / "models" / "elsie" / "sft"))
     assert merged.get_input_embeddings().weight.shape == full_sft.get_input_embeddings().weight.shape
+
+
+# --------------------------------------------------------------------------- GGUF for llama.cpp and Ollama
+
+
+def test_cli_export_gguf_answers_in_llamacpp_like_transformers(project: Project, tmp_path: Path) -> None:
+    """The GGUF file loads in llama.cpp, keeps the stage tokens as single control tokens, and greedy
+    continuations match the merged transformers model on the same labelled prompts."""
+    import gguf
+
+    from persllm.llm import LlamaCppBackend, LLMConfig, run_sync
+
+    out = tmp_path / "elsie-dpo.gguf"
+    args = [
+        "export",
+        str(project.config_path),
+        "--persona",
+        "elsie",
+        "--gguf",
+        str(out),
+        "--gguf-type",
+        "f32",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "elsie: dpo as GGUF f32" in result.output and "<TIME-II>=" in result.output
+    modelfile = (tmp_path / "elsie-dpo.Modelfile").read_text()
+    assert "FROM ./elsie-dpo.gguf" in modelfile and 'SYSTEM """You are Elsie Wren.' in modelfile
+    assert "<TIME-II> {{ end }}{{ .Content }}" in modelfile  # the latest stage's label on the first user turn
+
+    reader = gguf.GGUFReader(str(out))
+    tokens = [
+        bytes(reader.fields["tokenizer.ggml.tokens"].parts[i]).decode()
+        for i in reader.fields["tokenizer.ggml.tokens"].data
+    ]
+    types = [
+        int(reader.fields["tokenizer.ggml.token_type"].parts[i][0])
+        for i in reader.fields["tokenizer.ggml.token_type"].data
+    ]
+    for label in ANSWERS:
+        assert types[tokens.index(label)] == int(gguf.TokenType.CONTROL)
+    template = bytes(reader.fields["tokenizer.chat_template"].parts[-1]).decode()
+    assert "<|im_start|>" in template and "{% generation %}" not in template
+
+    merged, tokenizer = export.load_trained(project, "elsie", "dpo", merge=True)
+    engine = LlamaCppBackend(
+        LLMConfig(
+            backend="llamacpp", model=str(out), concurrency=1, params={"temperature": 0, "max_tokens": 12}
+        )
+    )
+    try:
+        for label in ANSWERS:
+            for question in QUESTIONS[:2]:
+                messages = dialogue(label, question)
+                batch = tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+                )
+                with torch.no_grad():
+                    ids = merged.generate(**batch, max_new_tokens=12, do_sample=False)[0]
+                width = batch["input_ids"].shape[1]
+                expected = tokenizer.decode(ids[width:], skip_special_tokens=True)
+                got = run_sync(engine.generate(messages, {}))
+                assert got.prompt_tokens == width  # the same prompt tokens: one token per stage label
+                assert got.text.split()[:3] == expected.split()[:3]
+    finally:
+        run_sync(engine.aclose())
+
+
+def test_gguf_export_bad_input_is_one_line_and_keeps_files(
+    project: Project, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.test_cli_project import run_main
+
+    base = ["export", str(project.config_path), "--persona", "elsie"]
+    code, _, err = run_main([*base, "--gguf", str(tmp_path / "x.bin")], capsys)
+    assert code == 2 and "name the output file NAME.gguf" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_main(
+        [*base, "--gguf", str(tmp_path / "a.gguf"), "--merge", str(tmp_path / "m")], capsys
+    )
+    assert code == 2 and "exactly one of --merge" in err
+    mine = tmp_path / "mine.gguf"
+    mine.write_bytes(b"GGUF mine")
+    code, _, err = run_main([*base, "--gguf", str(mine)], capsys)
+    assert code == 2 and "not an earlier persllm export" in err and "Traceback" not in err
+    assert mine.read_bytes() == b"GGUF mine" and not (tmp_path / "a.gguf").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_with_stage_tokens_as_gguf_answers_like_transformers(tmp_path: Path) -> None:
+    """The bundled SmolLM2 with the stage tokens added (as training adds them), written as F16 GGUF."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from persllm.llm import LlamaCppBackend, LLMConfig, run_sync
+    from persllm.llm.bundled import smollm2_folder
+    from persllm.train.common import add_stage_tokens
+    from persllm.train.gguf_export import write_gguf
+
+    folder = smollm2_folder()
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    add_stage_tokens(model, tokenizer, list(ANSWERS))
+    info = write_gguf(model, tokenizer, tmp_path / "smollm2-staged.gguf", "SmolLM2 staged")
+    # transformers' tokenizer of the GGUF file is plain byte-level: the export keeps training's tokenization.
+    assert info["pre_tokenizer"] == "gpt-2"
+    assert info["vocab"] == len(tokenizer) and info["file_type"] == "f16"
+    engine = LlamaCppBackend(
+        LLMConfig(
+            backend="llamacpp", model=info["gguf"], concurrency=1, params={"temperature": 0, "max_tokens": 8}
+        )
+    )
+    try:
+        for label in ANSWERS:
+            messages = [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": f"{label} What is the capital of France? Answer in one word."},
+            ]
+            batch = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+            with torch.no_grad():
+                ids = model.generate(**batch, max_new_tokens=8, do_sample=False)[0]
+            width = batch["input_ids"].shape[1]
+            expected = tokenizer.decode(ids[width:], skip_special_tokens=True)
+            got = run_sync(engine.generate(messages, {}))
+            assert got.prompt_tokens == width
+            assert got.text.split()[:2] == expected.split()[:2] and "Paris" in got.text
+    finally:
+        run_sync(engine.aclose())

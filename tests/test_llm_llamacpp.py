@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from persllm.errors import UserError
-from persllm.llm import CallCache, LLMConfig, LlamaCppBackend, make_backend, run_sync
+from persllm.llm import CallCache, LlamaCppBackend, LLMConfig, make_backend, run_sync
 from persllm.llm.llamacpp_backend import completion_of, request_body
 
 GREEDY = {"temperature": 0.0, "max_tokens": 16}

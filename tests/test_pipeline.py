@@ -112,7 +112,9 @@ def test_run_then_skip_then_rerun_from_annotate(pipeline_project: Path, tmp_path
             rows = [r for r in read_jsonl(run_dir / "data" / "elsie" / "sft_train.jsonl")]
             assert {r["messages"][0]["content"] for r in rows if r["meta"]["stage"] == stage.id} == {brief}
         pairs = read_jsonl(run_dir / "data" / "elsie" / "dpo_train.jsonl")
-        assert {p["prompt"][0]["content"] for p in pairs} <= {system_prompt(elsie, s, "brief") for s in elsie.stages}
+        assert {p["prompt"][0]["content"] for p in pairs} <= {
+            system_prompt(elsie, s, "brief") for s in elsie.stages
+        }
         for variant in ("sft", "dpo"):
             assert system_style(run_dir / "models" / "elsie" / variant) == "brief"
         generations = read_jsonl(run_dir / "eval" / "generations.jsonl")

@@ -81,8 +81,8 @@ def attempt_modes(output: str, max_attempts: int, json_ok: bool) -> list[str]:
     """
     if output == "json" and not json_ok:
         raise UserError(
-            "annotate.output: 'json' needs a backend with JSON-schema output (annotator.backend: openai, "
-            "structured_output not 'off'); use 'auto', 'delimited' or 'two_step'"
+            "annotate.output: 'json' needs a backend with JSON-schema output (annotator.backend: openai or "
+            "llamacpp, structured_output not 'off'); use 'auto', 'delimited' or 'two_step'"
         )
     if output == "auto":
         return ["json"] * max_attempts if json_ok else ["delimited"] + ["two_step"] * (max_attempts - 1)

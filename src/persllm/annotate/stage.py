@@ -281,7 +281,7 @@ def dry_run_prompts(project: Project, retriever: Retriever, items: list[Item]) -
     cfg = project.config
     persona = project.persona(item.persona)
     stage = persona.stage(item.stage)
-    json_ok = cfg.annotator.backend == "openai" and cfg.annotator.structured_output != "off"
+    json_ok = cfg.annotator.backend in ("openai", "llamacpp") and cfg.annotator.structured_output != "off"
     mode = attempt_modes(cfg.annotate.output, 1, json_ok)[0]
     if item.source != "annotator":
         return dry_run_own_words(project, item, len(items))

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from persllm.cli.app import ConfigArg, SetOption, app, load
+from persllm.errors import UserError
 
 train_app = typer.Typer(
     name="train",
@@ -106,24 +107,48 @@ def export_command(
     config: ConfigArg,
     persona: Annotated[str, typer.Option("--persona", "-p", help="The persona to export.")],
     merge: Annotated[
-        Path,
+        Path | None,
         typer.Option("--merge", help="Output folder for the merged Hugging Face weights (new or empty)."),
-    ],
+    ] = None,
+    gguf: Annotated[
+        Path | None,
+        typer.Option(
+            "--gguf", help="Output NAME.gguf for llama.cpp, with an Ollama NAME.Modelfile beside it."
+        ),
+    ] = None,
+    gguf_type: Annotated[str, typer.Option("--gguf-type", help="GGUF weight type: f16 or f32.")] = "f16",
+    stage: Annotated[
+        str | None,
+        typer.Option("--stage", help="Stage of the Modelfile's system prompt; default the latest."),
+    ] = None,
     model: Annotated[
         str | None, typer.Option("--model", help="sft or dpo; default: dpo when trained, else sft.")
     ] = None,
     set_options: SetOption = None,
 ) -> None:
-    """Merge a trained adapter into its base model and save plain Hugging Face weights + tokenizer.
+    """Merge a trained adapter into its base model and save it: Hugging Face weights or one GGUF file.
 
-    The folder loads with AutoModelForCausalLM.from_pretrained(OUT) alone and keeps the stage tokens
-    and the chat template.
+    --merge: a folder that loads with AutoModelForCausalLM.from_pretrained(OUT) alone. --gguf: a file
+    that llama.cpp, Ollama and persllm's llamacpp backend load; both keep the stage tokens and the chat
+    template.
 
-    Example: persllm export my-persona/persllm.yaml --persona wren --model dpo --merge wren-dpo
+    Example: persllm export my-persona/persllm.yaml --persona wren --model dpo --gguf wren-dpo.gguf
     """
     from persllm.train import export
 
+    if (merge is None) == (gguf is None):
+        raise UserError("persllm export: give exactly one of --merge FOLDER or --gguf NAME.gguf")
     project = load(config, set_options)
+    if gguf is not None:
+        info = export.run_gguf(project, persona, gguf, variant=model, file_type=gguf_type, stage=stage)
+        tokens = ", ".join(f"{label}={token_id}" for label, token_id in info["stage_tokens"].items())
+        size = info["bytes"] / 2**20
+        typer.echo(
+            f"{info['persona']}: {info['variant']} as GGUF {info['file_type']} ({size:.0f} MiB; {tokens})"
+        )
+        typer.echo(f"saved to {info['gguf']} and {info['modelfile']}")
+        return
+    assert merge is not None
     info = export.run(project, persona, merge, variant=model)
     tokens = ", ".join(f"{label}={token_id}" for label, token_id in info["stage_tokens"].items())
     typer.echo(f"{info['persona']}: {info['variant']} merged ({info['parameters']:,} parameters; {tokens})")

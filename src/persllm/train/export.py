@@ -1,7 +1,9 @@
-"""Export a trained persona as plain Hugging Face weights: adapter merged, stage tokens and template kept.
+"""Export a trained persona: adapter merged, stage tokens and template kept.
 
-The result loads with ``AutoModelForCausalLM.from_pretrained(OUT)`` and ``AutoTokenizer.from_pretrained(OUT)``
-alone (no PEFT, no persllm), so it can go to vLLM, TGI, llama.cpp's converter or the Hub.
+``run`` writes plain Hugging Face weights, which load with ``AutoModelForCausalLM.from_pretrained(OUT)``
+and ``AutoTokenizer.from_pretrained(OUT)`` alone (no PEFT, no persllm): for vLLM, TGI or the Hub.
+``run_gguf`` writes one GGUF file for llama.cpp (persllm's ``llamacpp`` backend included) and an Ollama
+``Modelfile`` beside it.
 """
 
 import json
@@ -61,6 +63,64 @@ def run(project: Project, persona_id: str, out: Path, variant: str | None = None
         shutil.rmtree(out)
     os.replace(partial, out)
     return info
+
+
+def run_gguf(
+    project: Project,
+    persona_id: str,
+    out: Path,
+    variant: str | None = None,
+    file_type: str = "f16",
+    stage: str | None = None,
+) -> dict[str, Any]:
+    """Merge the persona's ``variant`` and write it as the GGUF file ``out`` plus ``<out>.Modelfile``.
+
+    Args:
+        stage: the stage the Modelfile speaks at (its system prompt and label); default the latest.
+
+    Returns:
+        What was exported: persona, variant, gguf path, Modelfile path, bytes, stage tokens, file type.
+    """
+    from persllm.curate.format import system_prompt
+    from persllm.train.gguf_export import modelfile_text, write_gguf
+
+    persona = project.persona(persona_id)
+    stage_cfg = persona.stage(stage) if stage else persona.stages[-1]
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise UserError(f"--gguf {out}: name the output file NAME.gguf")
+    modelfile = out.with_name(out.stem + ".Modelfile")
+    if out.exists() and not modelfile.exists():
+        raise UserError(f"{out}: exists and is not an earlier persllm export; choose a new file name")
+    variant = variant or pick_variant(project, persona.id)
+    source, _ = common.model_dirs(project, persona.id, variant)
+    model, tokenizer = load_trained(project, persona.id, variant, merge=True)
+    stage_tokens = {
+        str(s.label): int(tokenizer.convert_tokens_to_ids(s.label)) for s in persona.stages if s.label
+    }
+    facts = write_gguf(model, tokenizer, out, f"{persona.name} ({variant})", file_type)
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    note = (
+        f"persllm export: {persona.name} ({variant}) at stage {stage_cfg.id}. "
+        f"Create it with: ollama create {persona.id}-{stage_cfg.id} -f {modelfile.name}"
+    )
+    text = modelfile_text(
+        out.name,
+        system_prompt(persona, stage_cfg, common.system_style(source)),
+        stage_cfg.label,
+        "<|im_start|>" in template,
+        note,
+    )
+    modelfile.write_text(text, encoding="utf-8")
+    return {
+        "persona": persona.id,
+        "variant": variant,
+        "source": str(source),
+        "stage": stage_cfg.id,
+        "modelfile": str(modelfile),
+        "stage_tokens": stage_tokens,
+        **facts,
+    }
 
 
 def pick_variant(project: Project, persona_id: str) -> str:
