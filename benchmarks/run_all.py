@@ -21,6 +21,7 @@ BENCHMARKS = [
     "dedup",
     "train_throughput",
     "generation",
+    "structured_output",
     "serve",
     "personification",  # --size small here (about 35 minutes); --size full by hand, at most 2 hours
 ]
