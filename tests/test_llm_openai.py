@@ -205,7 +205,7 @@ def test_fake_server_overlaps_64_slow_requests() -> None:
             *[llm.generate([{"role": "user", "content": str(i)}], {}) for i in range(64)]
         )
 
-    with FakeOpenAI(latency=0.2) as server:
+    with FakeOpenAI(latency=1.0) as server:
         replies = run_sync(many(backend(server, concurrency=64)))
     assert len({r.text for r in replies}) == 64
     assert server.max_in_flight == 64
