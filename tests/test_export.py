@@ -114,6 +114,17 @@ def test_lora_dpo_on_full_sft_weights_exports(tmp_path: Path, tiny_model_dir: Pa
 # --------------------------------------------------------------------------- GGUF for llama.cpp and Ollama
 
 
+def greedy_reply(model: Any, tokenizer: Any, messages: list[dict[str, str]], tokens: int) -> tuple[int, str]:
+    """(prompt tokens, greedy reply) of a transformers model on chat ``messages``."""
+    batch = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        ids = model.generate(**batch, max_new_tokens=tokens, do_sample=False)[0]
+    width = batch["input_ids"].shape[1]
+    return width, tokenizer.decode(ids[width:], skip_special_tokens=True)
+
+
 def test_cli_export_gguf_answers_in_llamacpp_like_transformers(project: Project, tmp_path: Path) -> None:
     """The GGUF file loads in llama.cpp, keeps the stage tokens as single control tokens, and greedy
     continuations match the merged transformers model on the same labelled prompts."""
@@ -163,13 +174,7 @@ def test_cli_export_gguf_answers_in_llamacpp_like_transformers(project: Project,
         for label in ANSWERS:
             for question in QUESTIONS[:2]:
                 messages = dialogue(label, question)
-                batch = tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-                )
-                with torch.no_grad():
-                    ids = merged.generate(**batch, max_new_tokens=12, do_sample=False)[0]
-                width = batch["input_ids"].shape[1]
-                expected = tokenizer.decode(ids[width:], skip_special_tokens=True)
+                width, expected = greedy_reply(merged, tokenizer, messages, 12)
                 got = run_sync(engine.generate(messages, {}))
                 assert got.prompt_tokens == width  # the same prompt tokens: one token per stage label
                 assert got.text.split()[:3] == expected.split()[:3]
@@ -225,13 +230,7 @@ def test_smollm2_with_stage_tokens_as_gguf_answers_like_transformers(tmp_path: P
                 {"role": "system", "content": "You are a helpful assistant."},
                 {"role": "user", "content": f"{label} What is the capital of France? Answer in one word."},
             ]
-            batch = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-            )
-            with torch.no_grad():
-                ids = model.generate(**batch, max_new_tokens=8, do_sample=False)[0]
-            width = batch["input_ids"].shape[1]
-            expected = tokenizer.decode(ids[width:], skip_special_tokens=True)
+            width, expected = greedy_reply(model, tokenizer, messages, 8)
             got = run_sync(engine.generate(messages, {}))
             assert got.prompt_tokens == width
             assert got.text.split()[:2] == expected.split()[:2] and "Paris" in got.text

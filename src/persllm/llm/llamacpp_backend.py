@@ -23,8 +23,6 @@ from persllm.llm.transformers_backend import weights_fingerprint
 
 GGUF_MAGIC = b"GGUF"
 SLOT_CONTEXT = 2048  # tokens of context per parallel slot
-# Keys of a call that are persllm's own, never part of the llama.cpp request.
-NOT_SENT = ("n_sample", "tag", "adapter")
 
 
 def gguf_path(model: str) -> Path:
@@ -47,7 +45,8 @@ def gguf_path(model: str) -> Path:
 
 
 def request_body(messages: list[Message], params: dict[str, Any], stream: bool = False) -> dict[str, Any]:
-    """The OpenAI-style chat request llama.cpp takes, from a call's merged params."""
+    """The OpenAI-style chat request llama.cpp takes, from a call's merged params (persllm's own keys,
+    such as ``n_sample``, ``tag`` and ``adapter``, are never copied)."""
     body: dict[str, Any] = {
         "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
         "max_tokens": int(params.get("max_tokens", 256)),
@@ -150,14 +149,14 @@ class LlamaCppBackend:
 
     async def generate(self, messages: list[Message], params: dict[str, Any]) -> Completion:
         merged = merge_params(self.cfg.params, params)
-        body = request_body(messages, {k: v for k, v in merged.items() if k not in NOT_SENT})
+        body = request_body(messages, merged)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self._call, body)
 
     async def stream(self, messages: list[Message], params: dict[str, Any]) -> AsyncIterator[str]:
         """Yield the reply's text as llama.cpp produces it (stop strings are cut by the engine)."""
         merged = merge_params(self.cfg.params, params)
-        body = request_body(messages, {k: v for k, v in merged.items() if k not in NOT_SENT}, stream=True)
+        body = request_body(messages, merged, stream=True)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         done = object()
