@@ -236,3 +236,40 @@ def test_smollm2_with_stage_tokens_as_gguf_answers_like_transformers(tmp_path: P
             assert got.text.split()[:2] == expected.split()[:2] and "Paris" in got.text
     finally:
         run_sync(engine.aclose())
+
+
+def test_llamacpp_base_model_runs_trained_personas_from_their_gguf(project: Project) -> None:
+    """``base_model.backend: llamacpp``: eval's trained system and chat's speaker generate with the merged
+    GGUF exported on first use (kept while the weights stay the same), greedily like transformers."""
+    from persllm.evaluate.systems import Request, System, generate, plan_systems
+    from persllm.interact.models import ModelPool, chat_ref
+    from persllm.llm import run_sync
+
+    on_llamacpp = load_project(project.config_path, {"base_model.backend": "llamacpp"})
+    systems, skipped = plan_systems(on_llamacpp, ["prompt", "sft+dpo"])
+    assert not skipped
+    trained: System = systems[1]
+    merged, tokenizer = export.load_trained(project, "elsie", "dpo", merge=True)
+    messages = [dialogue(label, QUESTIONS[0]) for label in ANSWERS]
+    requests = [Request(trained, "elsie", "keeper", m) for m in messages]
+    requests.append(Request(systems[0], "elsie", "keeper", messages[0]))
+    params = {"temperature": 0, "max_tokens": 12}
+    answers = generate(on_llamacpp, requests, params, cache=None)
+
+    made = project.run_dir / "models" / "elsie" / "dpo" / export.GENERATION_GGUF
+    base_gguf = project.run_dir / "models" / export.GENERATION_GGUF
+    assert made.exists() and base_gguf.exists()  # a Hugging Face base is exported too
+    stamp = made.stat().st_mtime_ns
+    for conversation, answer in zip(messages, answers, strict=False):
+        width, expected = greedy_reply(merged, tokenizer, conversation, 12)
+        assert answer.prompt_tokens == width and answer.text.split()[:3] == expected.split()[:3]
+
+    pool = ModelPool(on_llamacpp)
+    try:
+        speaker = pool.speaker(chat_ref(on_llamacpp, "elsie", "keeper", "dpo"))
+        assert speaker.label == "<TIME-I>" and speaker.tokenizer is not None
+        reply = run_sync(speaker.generate(messages[0], params))
+        assert reply.text == answers[0].text
+    finally:
+        run_sync(pool.aclose())
+    assert made.stat().st_mtime_ns == stamp  # the second use found the export current

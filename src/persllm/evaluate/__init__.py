@@ -134,6 +134,7 @@ def run(
             "params": params,
             "max_items": max_items or cfg.max_items,
             "base_model": project.config.base_model.model,
+            "generation_backend": project.config.base_model.backend,
             "judge": judge_cfg.model if judge_cfg else None,
             "judge_params": dict(cfg.judge_params) if judge_cfg else None,
             "baseline": cfg.baseline,

@@ -170,7 +170,9 @@ def build_blocks(metrics: dict[str, Any], rows: list[dict[str, Any]], plots: dic
             "list",
             [
                 f"systems: {', '.join(settings.get('systems', [])) or 'none'}",
-                f"base model: {settings.get('base_model')}; embedder: {settings.get('embedder')}",
+                f"base model: {settings.get('base_model')} "
+                f"(generating in {settings.get('generation_backend', 'transformers')}); "
+                f"embedder: {settings.get('embedder')}",
                 f"items: {metrics.get('counts', {}).get('items')}; samples: {settings.get('samples')}; "
                 f"sampling: {json.dumps(settings.get('params', {}), sort_keys=True)}",
                 f"judge: {settings.get('judge') or 'none'}; preference baseline: {settings.get('baseline')}",

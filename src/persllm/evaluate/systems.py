@@ -210,6 +210,17 @@ def plan_systems(project: Project, names: list[str]) -> tuple[list[System], dict
     return planned, skipped
 
 
+def generation_llm(project: Project, system: System, persona: str) -> LLMConfig:
+    """The model that answers for ``system`` and ``persona``. With ``base_model.backend: llamacpp`` a
+    trained persona is its merged GGUF file and a Hugging Face base model its GGUF export."""
+    if system.llm.backend != "llamacpp" or system.name not in BUILTIN:
+        return system.llm
+    from persllm.train.export import generation_gguf
+
+    folder = system.adapters.get(persona) if system.mode == "trained" else None
+    return system.llm.model_copy(update={"model": str(generation_gguf(project, persona, folder))})
+
+
 def adapter_name(persona: str, system: System) -> str:
     """The adapter's name on a shared backend (a served LoRA name for the openai backend)."""
     return f"{persona}-{ADAPTER_OF[system.name]}"
@@ -302,12 +313,16 @@ async def _generate(
 
     # Every adapter is registered before the first generation (added stage tokens resize the base).
     groups: dict[tuple[str, str, int], list[int]] = defaultdict(list)
+    llms: dict[tuple[str, str], LLMConfig] = {}
     for index, request in enumerate(requests):
-        model_key = request.system.llm.model_dump_json(exclude={"adapter", "params"})
+        where = (request.system.name, request.persona)
+        if where not in llms:
+            llms[where] = generation_llm(project, request.system, request.persona)
+        model_key = llms[where].model_dump_json(exclude={"adapter", "params"})
         if model_key not in backends:
-            backends[model_key] = make_backend(request.system.llm, cache)
+            backends[model_key] = make_backend(llms[where], cache)
         adapter = ""
-        if request.system.mode == "trained":
+        if request.system.mode == "trained" and llms[where].backend == "transformers":
             adapter = adapter_name(request.persona, request.system)
             backend = backends[model_key]
             if hasattr(backend, "add_adapter") and adapter not in getattr(backend, "adapters", ()):

@@ -2,8 +2,10 @@
 
 A model id is ``persona:stage:variant`` (``elsie:keeper:dpo``) or ``base``. Variants: ``sft`` and ``dpo``
 (trained folders under ``models/<persona>/``), ``prompt`` (the base model told who it is, no adapter)
-and, for chat, any adapter folder. Every persona adapter is loaded once into the same base model and
-selected per call, so serving ten personas costs one model's memory.
+and, for chat, any adapter folder. With ``base_model.backend: transformers`` every persona adapter is
+loaded once into the same base model and selected per call, so serving ten personas costs one model's
+memory. With ``llamacpp`` each trained model runs as its merged GGUF file (exported on first use), an
+engine of its own.
 """
 
 import threading
@@ -23,6 +25,7 @@ from persllm.train.common import system_style
 BASE = "base"
 PROMPT = "prompt"
 TRAINED = ("sft", "dpo")
+LOCAL = ("transformers", "llamacpp")  # backends that run trained folders in this process
 ANALYSIS_SUFFIX = "+analysis"
 
 
@@ -90,8 +93,8 @@ def best_variant(project: Project, persona: str) -> str:
 
 
 def _servable(project: Project, persona: str, variant: str) -> bool:
-    """A trained variant exists and the base model runs here (adapters need the transformers backend)."""
-    local = project.config.base_model.backend == "transformers"
+    """A trained variant exists and the base model runs here (not behind an endpoint)."""
+    local = project.config.base_model.backend in LOCAL
     return local and trained_dir(project, persona, variant) is not None
 
 
@@ -165,12 +168,11 @@ class ModelPool:
 
     Args:
         project: the project whose ``base_model`` and trained folders are served.
-        llm: another base model config (default ``project.config.base_model``).
     """
 
-    def __init__(self, project: Project, llm: LLMConfig | None = None) -> None:
+    def __init__(self, project: Project) -> None:
         self.project = project
-        self.cfg = llm or project.config.base_model
+        self.cfg = project.config.base_model
         self._base: Any = None
         self._adapters: dict[Path, str] = {}
         self._full: dict[Path, Any] = {}
@@ -180,7 +182,7 @@ class ModelPool:
     def base(self) -> Any:
         with self._lock:
             if self._base is None:
-                self._base = _make_base(self.cfg)
+                self._base = _make_base(self._generation_cfg(None, None))
             return self._base
 
     def speakers(self, refs: list[ModelRef]) -> list[Speaker]:
@@ -206,8 +208,10 @@ class ModelPool:
         persona = self.project.persona(ref.persona) if ref.persona else None
         label = persona.stage(ref.stage).label if persona is not None and ref.stage else None
         style = ref.system_style
-        if not (ref.path / "adapter_config.json").exists():
-            return Speaker(self._full_model(ref.path), label=label, system_style=style)
+        if self.cfg.backend == "llamacpp" or not (ref.path / "adapter_config.json").exists():
+            tokenizer = self._tokenizer(ref.path)
+            backend = self._full_model(ref)
+            return Speaker(backend, label=label, own_tokenizer=tokenizer, system_style=style)
         fixed = {"adapter": self.adapter(ref)}
         tokenizer = self._tokenizer(ref.path)
         return Speaker(self.base(), label=label, fixed=fixed, own_tokenizer=tokenizer, system_style=style)
@@ -239,13 +243,23 @@ class ModelPool:
                 self._tokenizers[path] = AutoTokenizer.from_pretrained(path)
             return self._tokenizers[path]
 
-    def _full_model(self, path: Path) -> Any:
+    def _full_model(self, ref: ModelRef) -> Any:
+        """A backend of its own for a trained folder: full weights, or (llamacpp) its merged GGUF."""
+        assert ref.path is not None
         with self._lock:
-            if path not in self._full:
-                self._full[path] = _make_base(
-                    self.cfg.model_copy(update={"model": str(path), "adapter": None})
-                )
-            return self._full[path]
+            if ref.path not in self._full:
+                self._full[ref.path] = _make_base(self._generation_cfg(ref.persona, ref.path))
+            return self._full[ref.path]
+
+    def _generation_cfg(self, persona: str | None, folder: Path | None) -> LLMConfig:
+        """The base model config pointed at what generates: a trained folder, or its GGUF export."""
+        if self.cfg.backend == "llamacpp":
+            from persllm.train.export import generation_gguf
+
+            return self.cfg.model_copy(update={"model": str(generation_gguf(self.project, persona, folder))})
+        if folder is None:
+            return self.cfg
+        return self.cfg.model_copy(update={"model": str(folder), "adapter": None})
 
     async def aclose(self) -> None:
         for backend in [self._base, *self._full.values()]:

@@ -11,8 +11,9 @@ class LLMConfig(Section):
     backend: Literal["transformers", "llamacpp", "openai"] = Field(
         "transformers",
         description="'transformers' runs a model in-process (and trains it); 'llamacpp' runs a .gguf file "
-        "in-process with llama.cpp (parallel slots, JSON-schema grammars; generation only); 'openai' calls "
-        "any OpenAI-compatible endpoint.",
+        "in-process with llama.cpp (parallel slots, JSON-schema grammars); 'openai' calls any "
+        "OpenAI-compatible endpoint. As base_model, 'llamacpp' still trains in transformers and generates "
+        "(eval, chat, serve, converse) from GGUF exports of the base and of each trained persona.",
     )
     model: str = Field(
         "bundled:smollm2",

@@ -167,11 +167,12 @@ def stage_labels(project: Project, persona_id: str) -> list[str]:
 
 
 def base_model_name(project: Project) -> str:
+    """The weights training loads: with ``backend: llamacpp`` too, since llama.cpp only generates."""
     cfg = project.config.base_model
-    if cfg.backend != "transformers":
+    if cfg.backend == "openai":
         raise UserError(
             f"{project.config_path}: base_model.backend: training needs local weights; "
-            "set backend: transformers and model: a folder, hub id or bundled:smollm2"
+            "set backend: transformers (or llamacpp) and model: a folder, hub id or bundled:smollm2"
         )
     return resolve_model(cfg.model)
 

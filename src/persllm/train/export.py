@@ -14,6 +14,7 @@ from typing import Any
 
 from persllm.config import Project
 from persllm.errors import UserError
+from persllm.llm.bundled import SMOLLM2
 from persllm.train import common
 
 MARKER = "persllm_export.json"
@@ -139,9 +140,6 @@ def load_trained(project: Project, persona_id: str, variant: str, merge: bool = 
     An adapter is loaded onto the model it was trained on (``adapter_base`` in training.json: the base
     model, or the full SFT weights), grown first to the tokenizer's vocabulary (the stage tokens).
     """
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
     if variant not in VARIANTS:
         raise UserError(f"--model {variant}: use one of {', '.join(VARIANTS)}")
     folder, _ = common.model_dirs(project, persona_id, variant)
@@ -150,6 +148,14 @@ def load_trained(project: Project, persona_id: str, variant: str, merge: bool = 
             f"{folder}: no trained {variant} model; run persllm train {variant} {project.config_path} "
             f"--persona {persona_id} first"
         )
+    return load_folder(project, folder, persona_id, merge)
+
+
+def load_folder(project: Project, folder: Path, persona_id: str, merge: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer) of one trained folder of ``persona_id`` (full weights or a LoRA adapter)."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     if not common.is_adapter(folder):
         model, _ = common.load_pretrained(project, str(folder))
@@ -172,3 +178,42 @@ def _check_target(out: Path) -> None:
         raise UserError(
             f"{out}: exists and is not an earlier persllm export; choose a new folder or empty it"
         )
+
+
+# --------------------------------------------------------------------------- GGUF for generation
+
+GENERATION_GGUF = "persllm-generation.f16.gguf"
+
+
+def generation_gguf(project: Project, persona_id: str | None = None, folder: Path | None = None) -> Path:
+    """The GGUF file ``base_model.backend: llamacpp`` generates with, exported (F16) on first use.
+
+    ``folder`` is a trained model of ``persona_id``: its merged GGUF lives inside it, so retraining
+    (which replaces the folder) drops it. Without a folder it is the base model: a ``.gguf`` model or
+    ``bundled:smollm2`` is used as it is; a Hugging Face model is exported under ``models/``. A file is
+    exported again when the weights it came from have changed since.
+    """
+    from persllm.llm.llamacpp_backend import gguf_path
+    from persllm.llm.transformers_backend import weights_fingerprint
+    from persllm.train.gguf_export import write_gguf
+
+    model = project.config.base_model.model
+    if folder is None and (model == SMOLLM2 or model.endswith(".gguf")):
+        return gguf_path(model)
+    source = Path(folder) if folder is not None else Path(common.base_model_name(project))
+    out = source / GENERATION_GGUF if folder is not None else project.run_dir / "models" / GENERATION_GGUF
+    stamp = out.with_name(out.name + ".json")
+    made_from = weights_fingerprint(source) if source.exists() else model
+    if out.exists() and stamp.exists() and json.loads(stamp.read_text()).get("source") == made_from:
+        return out
+    if folder is not None:
+        if persona_id is None:
+            raise ValueError("a trained folder's GGUF needs its persona")
+        trained, tokenizer = load_folder(project, source, persona_id, merge=True)
+        name = f"{project.persona(persona_id).name} ({source.name})"
+    else:
+        trained, tokenizer = common.load_pretrained(project, str(source))
+        name = model
+    write_gguf(trained, tokenizer, out, name, "f16")
+    stamp.write_text(json.dumps({"source": made_from}) + "\n", encoding="utf-8")
+    return out
