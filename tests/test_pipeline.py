@@ -193,3 +193,17 @@ def test_run_cli_help_and_bad_stage(pipeline_project: Path) -> None:
     result = runner.invoke(app, ["run", str(pipeline_project), "--from", "nope"])
     assert result.exit_code != 0
     assert isinstance(result.exception, UserError)
+
+
+def test_training_fingerprints_ignore_the_generation_backend(tmp_path: Path) -> None:
+    """Switching base_model.backend to llamacpp (generation only) keeps the trained models current;
+    another base model retrains them."""
+    config = make_project(tmp_path, {"backend": "transformers", "model": "bundled:smollm2"})
+    stages = {stage.name: stage for stage in pipeline.STAGES}
+    before = load_project(config)
+    on_llamacpp = load_project(config, {"base_model.backend": "llamacpp", "base_model.concurrency": 16})
+    other = load_project(config, {"base_model.model": "other/model"})
+    for name in ("sft", "dpo"):
+        assert pipeline.fingerprint(before, stages[name]) == pipeline.fingerprint(on_llamacpp, stages[name])
+        assert pipeline.fingerprint(before, stages[name]) != pipeline.fingerprint(other, stages[name])
+    assert pipeline.fingerprint(before, stages["eval"]) != pipeline.fingerprint(on_llamacpp, stages["eval"])

@@ -113,6 +113,9 @@ def training_counts(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {**{k: v for k, v in totals.items() if v is not None}, "personas": per_persona}
 
 
+# What training reads of base_model: switching the generation backend does not retrain.
+TRAINED_BASE = ["base_model.model", "base_model.device", "base_model.dtype"]
+
 STAGES = [
     Stage(
         "index",
@@ -140,14 +143,14 @@ STAGES = [
     ),
     Stage(
         "sft",
-        ["sft", "base_model", "seed"],
+        ["sft", *TRAINED_BASE, "seed"],
         ["data/*/sft_*.jsonl"],
         ["models/*/sft", "models/*/checkpoints/sft"],
         _run_sft,
     ),
     Stage(
         "dpo",
-        ["dpo", "base_model", "seed"],
+        ["dpo", *TRAINED_BASE, "seed"],
         ["data/*/dpo_train.jsonl", "models/*/sft/*.safetensors"],
         ["models/*/dpo", "models/*/checkpoints/dpo"],
         _run_dpo,
@@ -168,6 +171,14 @@ STAGES = [
 
 
 # --------------------------------------------------------------------------- fingerprints
+
+
+def config_value(config: dict[str, Any], key: str) -> Any:
+    """``config[key]``, where a dotted key reaches into a section."""
+    value: Any = config
+    for part in key.split("."):
+        value = value[part]
+    return value
 
 
 def fingerprint(project: Project, stage: Stage) -> str:
@@ -193,7 +204,7 @@ def fingerprint(project: Project, stage: Stage) -> str:
     return stable_hash(
         {
             "stage": stage.name,
-            "config": {key: config[key] for key in stage.config_keys},
+            "config": {key: config_value(config, key) for key in stage.config_keys},
             "personas": {pid: p.model_dump(mode="json") for pid, p in project.personas.items()},
             "upstream": files,
             "corpus": persona_inputs,
