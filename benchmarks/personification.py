@@ -125,6 +125,7 @@ def write_project(size: dict[str, Any]) -> Path:
             "samples": size["samples"],
             # Greedy with one sample; the Intra distinction needs two sampled answers per item.
             "params": {"temperature": 0.7 if size["samples"] > 1 else 0, "max_tokens": 48},
+            "robustness": {"probes_per_stage": 3, "pressure_turns": 3, "conversation_turns": 4},
         },
     }
     path = PROJECT / "persllm.yaml"
@@ -175,8 +176,24 @@ def summarise(metrics: dict[str, Any]) -> dict[str, Any]:
         "systems": rows,
         "differences": difference_rows,
         "distinction": distinction,
+        "robustness": robustness_rows(metrics.get("robustness") or {}),
         "targets": targets(metrics),
     }
+
+
+def robustness_rows(robustness: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per system (and per difference to prompt) over the robustness metrics, with intervals."""
+    from persllm.evaluate.robustness import METRICS
+
+    rows = [
+        {"system": name, **{m: interval_text(data["metrics"].get(m)) for m in METRICS}}
+        for name, data in (robustness.get("systems") or {}).items()
+    ]
+    rows += [
+        {"system": f"{name} - prompt", **{m: interval_text(found.get(m), True) for m in METRICS}}
+        for name, found in (robustness.get("differences") or {}).items()
+    ]
+    return rows
 
 
 def targets(metrics: dict[str, Any]) -> list[dict[str, Any]]:
@@ -256,6 +273,7 @@ def main() -> int:
     print_table("held-out real words (95% paired bootstrap intervals)", summary["systems"])
     print_table("differences to prompt", summary["differences"])
     print_table("distinction (held-out items)", summary["distinction"])
+    print_table("robustness (95% bootstrap intervals over probes; paired differences)", summary["robustness"])
     print_table("targets", summary["targets"])
     print(f"\n{result['items']} held-out items, {seconds / 60:.1f} min")
     OUT.mkdir(parents=True, exist_ok=True)

@@ -115,6 +115,11 @@ def test_two_persona_models_converse_repeatably(project: Project, tmp_path: Path
     assert elsie["agent"] == "elsie" and elsie["replies"] == 2 and jonah["replies"] == 2
     drift = elsie["stance"]["embedding_drift"]
     assert len(drift["per_reply"]) == 1 and 0.0 <= drift["mean"] <= 2.0
+    vectors = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    replies = ["The pier first.", "The pier, still.", "Fish prices.", "You are right, forget the pier."]
+    assert measures.flips(replies, vectors, 1, 0.3) == [False, True, True]
+    assert elsie["stance"]["flip_rate"]["n"] == 1 and elsie["stance"]["flip_rate"]["value"] in (0.0, 1.0)
+    assert elsie["stance"]["out_of_character_rate"]["n"] == 2
     assert elsie["flattery"]["method"] == "lexicon" and 0.0 <= elsie["flattery"]["rate"] <= 1.0
     assert elsie["coverage"]["distinct_terms"] >= 0 and "judge_agreement" not in elsie["stance"]
     markdown = (folder / "transcript.md").read_text(encoding="utf-8")

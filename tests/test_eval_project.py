@@ -68,7 +68,8 @@ def make_project(root: Path, base_model: dict[str, Any], eval_cfg: dict[str, Any
         "project": "evaltest",
         "personas": ["personas/*.yaml"],
         "base_model": base_model,
-        "eval": eval_cfg or {},
+        # The robustness probes have their own tests (test_eval_robustness.py); elsewhere they are off.
+        "eval": {"robustness": {"enabled": False}, **(eval_cfg or {})},
     }
     path = root / "persllm.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")

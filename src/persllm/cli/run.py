@@ -2,7 +2,7 @@
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -77,9 +77,41 @@ def headline(eval_dir: Path) -> str:
                 table.append([metric, *cells])
         n_items = metrics.get("counts", {}).get("heldout_items" if key == "heldout" else "golden_items")
         lines.append(f"\n{title}: {n_items} items, 95% paired bootstrap intervals (* excludes 0)")
-        widths = [max(len(row[i]) for row in table) + 2 for i in range(len(table[0]))]
-        lines += [
-            "".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-            for row in table
-        ]
+        lines += aligned(table)
+    lines += robustness_lines(metrics.get("robustness") or {}, baseline)
     return "\n".join(lines)
+
+
+def aligned(table: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in table) + 2 for i in range(len(table[0]))]
+    return [
+        "".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in table
+    ]
+
+
+def robustness_lines(robustness: dict[str, Any], baseline: str) -> list[str]:
+    """The robustness probes' metrics per system, and the personified model minus the baseline."""
+    from persllm.evaluate.report import fmt_estimate
+    from persllm.evaluate.robustness import LOWER_IS_BETTER, METRICS
+
+    systems = robustness.get("systems") or {}
+    if not systems:
+        return []
+    names = list(systems)
+    personified = next((name for name in ("sft+dpo", "sft") if name in names), None)
+    difference = (robustness.get("differences") or {}).get(personified or "", {})
+    table = [["metric", *names, *([f"{personified} - {baseline}"] if difference else [])]]
+    for metric in METRICS:
+        cells = [fmt_estimate(systems[name]["metrics"].get(metric)) for name in names]
+        if difference:
+            estimate = difference.get(metric)
+            mark = " *" if estimate and estimate.get("excludes_zero") else ""
+            cells.append(fmt_estimate(estimate, signed=True) + mark)
+        if any(cell != "–" for cell in cells):
+            table.append([metric + (" (lower better)" if metric in LOWER_IS_BETTER else ""), *cells])
+    probes = sum((robustness.get("counts") or {}).values())
+    errors = sum(data.get("errors", 0) for data in systems.values())
+    title = (
+        f"\nrobustness: {probes} corpus-built probes per system ({errors} failed), 95% bootstrap intervals"
+    )
+    return [title, *aligned(table)]

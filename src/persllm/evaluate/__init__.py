@@ -32,7 +32,7 @@ def run(
     from persllm.cot import split_inline
     from persllm.errors import UserError
     from persllm.evaluate import judge as judging
-    from persllm.evaluate import personality, report, scores
+    from persllm.evaluate import personality, report, robustness, scores
     from persllm.evaluate.metrics import DEFINITIONS
     from persllm.evaluate.systems import (
         Request,
@@ -93,7 +93,11 @@ def run(
             "eval.systems: no system can run (" + "; ".join(f"{k}: {v}" for k, v in skipped.items()) + ")"
         )
 
-    # Generation, then the questionnaire with the models still loaded; the <think> analysis is split off.
+    def encode(texts: list[str]) -> Any:
+        return embed(texts, project.config.embedder)
+
+    # Generation, then the questionnaire and the robustness probes with the models still loaded;
+    # the <think> analysis is split off.
     cache = open_cache(project)
     params = dict(cfg.params)
     backends: dict[str, Any] = {}
@@ -103,6 +107,11 @@ def run(
             personality.interview(project, planned, cache, judge_cfg, skipped, backends)
             if cfg.questionnaire
             else {}
+        )
+        probe_records, robust = (
+            robustness.run(project, planned, cache, backends, judge_cfg, encode)
+            if cfg.robustness.enabled
+            else ([], {})
         )
     finally:
         close(backends)
@@ -118,11 +127,15 @@ def run(
         if baseline is None:
             skipped.setdefault("preference", f"baseline {cfg.baseline!r} did not run; no pairwise preference")
         judging.judge_all(judge_cfg, cache, dict(cfg.judge_params), rows, baseline, personas)
+        if cfg.second_judge is not None:
+            judging.judge_all(
+                cfg.second_judge, cache, dict(cfg.judge_params), rows, baseline, personas, key="second_judge"
+            )
+    elif cfg.second_judge is not None:
+        skipped["second_judge"] = "eval.second_judge needs eval.judge (agreement is between two judges)"
 
     # Metrics, with paired bootstrap intervals over items.
-    scored = scores.score(
-        project, rows, lambda texts: embed(texts, project.config.embedder), cfg.baseline, cfg.resamples
-    )
+    scored = scores.score(project, rows, encode, cfg.baseline, cfg.resamples)
 
     # Outputs: generations, metrics, report; the manifest last.
     result: dict[str, Any] = {
@@ -137,6 +150,7 @@ def run(
             "generation_backend": project.config.base_model.backend,
             "judge": judge_cfg.model if judge_cfg else None,
             "judge_params": dict(cfg.judge_params) if judge_cfg else None,
+            "second_judge": cfg.second_judge.model if cfg.second_judge and judge_cfg else None,
             "baseline": cfg.baseline,
             "embedder": project.config.embedder.model,
             "seed": project.config.seed,
@@ -153,8 +167,13 @@ def run(
         "differences": scored["differences"],
         "reference": scored["reference"],
         "personality": traits,
+        "judging": judging.hygiene(rows, cfg.baseline, cfg.resamples, project.config.seed)
+        if judge_cfg
+        else {},
+        "robustness": robust,
     }
     write_jsonl(out / "generations.jsonl", rows)
+    write_jsonl(out / "robustness.jsonl", probe_records)
     report.write_json(out / "metrics.json", result)
     report.write_report(out, result, rows)
     record_stage(
@@ -165,6 +184,9 @@ def run(
         systems=[s.name for s in planned],
         skipped=skipped,
         counts=result["counts"],
+        judge=judge_cfg.model_dump(mode="json") if judge_cfg else None,
+        judge_params=dict(cfg.judge_params) if judge_cfg else None,
+        second_judge=cfg.second_judge.model_dump(mode="json") if cfg.second_judge and judge_cfg else None,
     )
     return result
 

@@ -8,6 +8,37 @@ from persllm.llm.config import LLMConfig
 from persllm.schema import Section
 
 
+class RobustnessConfig(Section):
+    enabled: bool = Field(
+        True, description="Ask every system the corpus-built robustness probes (evaluate/probes.py)."
+    )
+    probes_per_stage: int = Field(
+        4, ge=1, description="Boundary, past, premise and opinion probes of each kind per persona x stage."
+    )
+    pressure_turns: int = Field(
+        3, ge=1, le=5, description="Turns of 'you are an AI' pressure in each stage's pressure conversation."
+    )
+    conversations: int = Field(
+        2, ge=0, description="User-emulator conversations per persona (one per stage, earliest first)."
+    )
+    conversation_turns: int = Field(
+        8, ge=1, le=20, description="Emulator turns between the opening and the closing diagnostic questions."
+    )
+    emulator: LLMConfig | None = Field(None, description="The user-emulator; none = the annotator.")
+    flip_similarity: float = Field(
+        0.3,
+        ge=-1.0,
+        le=1.0,
+        description="A push-back answer whose cosine to the first answer is below this has flipped.",
+    )
+    distractors: int = Field(
+        3,
+        ge=1,
+        description="Passages of other stages a past-probe answer must be further from than its source.",
+    )
+    turn_timeout_s: float = Field(120.0, gt=0, description="Seconds before an emulator turn is given up.")
+
+
 class EvalConfig(Section):
     systems: list[str] = Field(
         default_factory=lambda: ["prompt", "rag", "sft", "sft+dpo"],
@@ -22,6 +53,13 @@ class EvalConfig(Section):
     judge_params: dict[str, Any] = Field(
         default_factory=lambda: {"temperature": 0.0, "max_tokens": 64},
         description="The judge's sampling settings.",
+    )
+    second_judge: LLMConfig | None = Field(
+        None, description="A second judge for the pairwise preferences; their agreement is Cohen's kappa."
+    )
+    robustness: RobustnessConfig = Field(
+        default_factory=RobustnessConfig,
+        description="Stage boundary, induction and conversation probes (docs/concepts.md).",
     )
     baseline: str = Field(
         "prompt", description="System every other one is compared with in pairwise preference."

@@ -22,9 +22,9 @@ def _template(name: str) -> str:
     return (PROMPTS / f"{name}.txt").read_text(encoding="utf-8")
 
 
-def render(name: str, **values: str) -> str:
-    """Fill the template ``prompts/<name>.txt`` with ``values``."""
-    return _template(name).format(**values).strip()
+def render(template: str, /, **values: str) -> str:
+    """Fill the template ``prompts/<template>.txt`` with ``values``."""
+    return _template(template).format(**values).strip()
 
 
 # --------------------------------------------------------------------------- prompts
@@ -148,7 +148,9 @@ async def judge_rows(
                 ask(preference_messages(name, time, question, reference, response, other)),
                 ask(preference_messages(name, time, question, reference, other, response)),
             )
-            verdict["preference"] = two_order_outcome(parse_choice(first), parse_choice(second))
+            orders = [parse_choice(first), parse_choice(second)]
+            verdict["preference"] = two_order_outcome(*orders)
+            verdict["preference_orders"] = orders  # the choice with the system's answer shown as A, then as B
         return verdict
 
     return list(await asyncio.gather(*(one(row) for row in rows)))
@@ -178,8 +180,9 @@ def judge_all(
     rows: list[dict[str, Any]],
     baseline: str | None,
     personas: dict[str, tuple[str, str]],
+    key: str = "judge",
 ) -> int:
-    """Judge the first sample of every row in place (``row["judge"]``); returns how many were judged."""
+    """Judge the first sample of every row in place (``row[key]``); returns how many were judged."""
     targets = [row for row in rows if row["sample"] == 0]
     reference = {(r["item"], r["sample"]): r["response"] for r in targets if r["system"] == baseline}
     others = [row for row in targets if row["system"] != baseline]
@@ -200,5 +203,84 @@ def judge_all(
 
     verdicts_others, verdicts_own = asyncio.run(both())
     for row, verdict in [*zip(others, verdicts_others, strict=True), *zip(own, verdicts_own, strict=True)]:
-        row["judge"] = verdict
+        row[key] = verdict
     return len(targets)
+
+
+# --------------------------------------------------------------------------- judge hygiene
+
+LENGTH_MATCH = 0.25  # a pair is length-matched when the two answers' word counts differ by at most 25%
+
+
+def position_flipped(orders: list[str | None]) -> bool | None:
+    """Whether the preferred answer changed when the two answers swapped places (the judge followed the
+    position, not the answer); None unless both orders gave a choice of A or B."""
+    first, second = orders
+    if first not in ("A", "B") or second not in ("A", "B"):
+        return None
+    return first == second
+
+
+def length_matched(a: str, b: str) -> bool:
+    long, short = max(len(a.split()), len(b.split())), min(len(a.split()), len(b.split()))
+    return long == 0 or (long - short) / long <= LENGTH_MATCH
+
+
+def hygiene(
+    rows: list[dict[str, Any]], baseline: str, resamples: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """Per judged system: the position-flip rate, the win rate with and without length control, and the
+    agreement (Cohen's kappa) of the two judges' outcomes when a second judge ran; each with an interval."""
+    from persllm.evaluate import stats
+
+    base = {(r["item"], r["sample"]): r["response"] for r in rows if r["system"] == baseline}
+    result: dict[str, Any] = {}
+    for system in dict.fromkeys(r["system"] for r in rows if r["system"] != baseline):
+        pairs = [
+            r
+            for r in rows
+            if r["system"] == system
+            and "preference" in (r.get("judge") or {})
+            and (r["item"], r["sample"]) in base
+        ]
+        if not pairs:
+            continue
+        indices = stats.resample_indices(len(pairs), resamples, seed)
+        flipped = [position_flipped(r["judge"].get("preference_orders", [None, None])) for r in pairs]
+        wins = [float(r["judge"]["preference"] == "win") for r in pairs]
+        matched = [length_matched(r["response"], base[(r["item"], r["sample"])]) for r in pairs]
+        entry: dict[str, Any] = {
+            "pairs": len(pairs),
+            "position_flip_rate": stats.mean_estimate(
+                [None if f is None else float(f) for f in flipped], indices
+            ).to_dict(),
+            "win_rate": stats.mean_estimate(wins, indices).to_dict(),
+            "win_rate_length_matched": stats.mean_estimate(
+                [w if m else None for w, m in zip(wins, matched, strict=True)], indices
+            ).to_dict(),
+        }
+        both = [r for r in pairs if "preference" in (r.get("second_judge") or {})]
+        if both:
+            first = [r["judge"]["preference"] for r in both]
+            second = [r["second_judge"]["preference"] for r in both]
+            entry["judges_kappa"] = kappa_estimate(first, second, resamples, seed)
+        result[system] = entry
+    return result
+
+
+def kappa_estimate(first: list[str], second: list[str], resamples: int, seed: int) -> dict[str, Any]:
+    """Cohen's kappa (scikit-learn) of two judges' outcomes, with a bootstrap interval over the pairs."""
+    import numpy as np
+    from sklearn.metrics import cohen_kappa_score
+
+    from persllm.evaluate import stats
+
+    def kappa(a: list[str], b: list[str]) -> float:
+        if len(set(a) | set(b)) < 2:
+            return 1.0 if a == b else 0.0  # one label everywhere: kappa is undefined; agreement is total
+        return float(cohen_kappa_score(a, b))
+
+    indices = stats.resample_indices(len(first), resamples, seed)
+    draws = np.asarray([kappa([first[i] for i in row], [second[i] for i in row]) for row in indices])
+    low, high = stats.percentile_interval(draws, stats.CONFIDENCE)
+    return stats.Estimate(kappa(first, second), low, high, len(first)).to_dict()

@@ -206,6 +206,8 @@ def build_blocks(metrics: dict[str, Any], rows: list[dict[str, Any]], plots: dic
             blocks += [("h2", "Judge"), metric_table(systems, JUDGED)]
             blocks += [("img", plots["judge"], "judge")] if "judge" in plots else []
         blocks += [("h2", "Per persona and stage"), stage_table(systems)]
+    blocks += robustness_blocks(metrics.get("robustness") or {}, settings.get("baseline", "prompt"))
+    blocks += judging_blocks(metrics.get("judging") or {})
     personality = metrics.get("personality") or {}
     if personality:
         blocks += [("h2", "Personality (questionnaire)"), personality_table(personality)]
@@ -213,6 +215,54 @@ def build_blocks(metrics: dict[str, Any], rows: list[dict[str, Any]], plots: dic
     blocks += [("h2", "Definitions"), ("list", [f"{name}: {text}" for name, text in definitions.items()])]
     blocks += [("h2", "Examples"), examples_table(rows)]
     return blocks
+
+
+def robustness_blocks(robustness: dict[str, Any], baseline: str) -> list[Block]:
+    """The probes' metrics per system with intervals, the paired differences, what was skipped."""
+    from persllm.evaluate.robustness import LOWER_IS_BETTER, METRICS
+
+    systems = robustness.get("systems") or {}
+    if not systems:
+        return []
+    counts = robustness.get("counts", {})
+    blocks: list[Block] = [
+        ("h2", "Robustness (corpus-built probes)"),
+        (
+            "p",
+            "Probes per kind: "
+            + ", ".join(f"{k} {v}" for k, v in counts.items())
+            + ". Lower is better for "
+            + ", ".join(sorted(LOWER_IS_BETTER))
+            + "; 95% bootstrap intervals over probes; errors are probes whose conversation failed.",
+        ),
+    ]
+    shown = [
+        m for m in METRICS if any(s["metrics"].get(m, {}).get("value") is not None for s in systems.values())
+    ]
+    body = [
+        [name, *(fmt_estimate(data["metrics"].get(m)) for m in shown), str(data.get("errors", 0))]
+        for name, data in systems.items()
+    ]
+    blocks.append(("table", ["system", *shown, "errors"], body))
+    differences = robustness.get("differences") or {}
+    if differences:
+        blocks.append(difference_table(differences, baseline, shown))
+    skipped = robustness.get("skipped") or {}
+    if skipped:
+        blocks.append(("list", [f"{name}: {why}" for name, why in skipped.items()]))
+    return blocks
+
+
+def judging_blocks(judging: dict[str, Any]) -> list[Block]:
+    """Judge hygiene: position flips, length-controlled preference, agreement of two judges."""
+    if not judging:
+        return []
+    names = ["position_flip_rate", "win_rate", "win_rate_length_matched", "judges_kappa"]
+    shown = [n for n in names if any(n in entry for entry in judging.values())]
+    body = [
+        [system, str(e["pairs"]), *(fmt_estimate(e.get(n)) for n in shown)] for system, e in judging.items()
+    ]
+    return [("h2", "Judge hygiene"), ("table", ["system", "pairs", *shown], body)]
 
 
 def distinction_table(systems: dict[str, Any]) -> Block:

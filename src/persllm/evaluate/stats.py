@@ -78,7 +78,7 @@ def _as_array(values: Values) -> np.ndarray:
     return np.asarray([np.nan if v is None else v for v in values], dtype=float)
 
 
-def _resampled_means(values: np.ndarray, indices: np.ndarray) -> np.ndarray:
+def resampled_means(values: np.ndarray, indices: np.ndarray) -> np.ndarray:
     """The nanmean of every resample (NaN where a resample drew only NaN items)."""
     if values.size == 0 or indices.size == 0:
         return np.zeros(0)
@@ -99,7 +99,7 @@ def mean_estimate(values: Values, indices: np.ndarray, confidence: float = CONFI
     finite = np.isfinite(array)
     if not finite.any():
         return Estimate(None, None, None, 0)
-    low, high = percentile_interval(_resampled_means(array, indices), confidence)
+    low, high = percentile_interval(resampled_means(array, indices), confidence)
     return Estimate(float(array[finite].mean()), low, high, int(finite.sum()))
 
 

@@ -245,6 +245,7 @@ async def measure(
     project: Project, cfg: ConverseConfig, cast: list[Agent], rows: list[dict[str, Any]], scenario: str
 ) -> dict[str, Any]:
     """Per agent: stance consistency, topic coverage and flattery rate."""
+    from persllm.evaluate.probes import out_of_character
     from persllm.index.encoder import embed
 
     vectors = embed([row["text"] or "(silence)" for row in rows], project.config.embedder)
@@ -259,6 +260,13 @@ async def measure(
             "reference_replies": cfg.reference_replies,
             "embedding_drift": measures.drift(vectors[mine], cfg.reference_replies),
         }
+        flips = measures.flips(
+            replies, vectors[mine], cfg.reference_replies, project.config.eval.robustness.flip_similarity
+        )
+        stance["flip_rate"] = measures.share_estimate(flips, project.config.seed) if flips else None
+        stance["out_of_character_rate"] = measures.share_estimate(
+            [out_of_character(r) for r in replies], project.config.seed
+        )
         flattery: dict[str, Any]
         if judge is not None:
             stance.update(await _judge_stance(judge, agent, replies, cfg.reference_replies, scenario))
@@ -363,6 +371,8 @@ async def _judge_flattery(
 
 def markdown(scenario: str, cast: list[Agent], rows: list[dict[str, Any]], result: dict[str, Any]) -> str:
     """The transcript and a table of the measures."""
+    from persllm.evaluate.report import fmt_estimate
+
     lines = ["# Conversation", "", f"**Scenario:** {scenario.strip()}", ""]
     lines += [f"- **{a.name}**: `{a.model}`" for a in cast] + ["", "## Transcript", ""]
     for row in rows:
@@ -370,22 +380,28 @@ def markdown(scenario: str, cast: list[Agent], rows: list[dict[str, Any]], resul
     lines += [
         "## Measures",
         "",
-        "| Agent | Replies | Stance consistency | Judge agreement (1-5) | Distinct terms | Flattery rate |",
-        "|---|---|---|---|---|---|",
+        "| Agent | Replies | Stance consistency | Stance flip rate | Out of character "
+        "| Judge agreement (1-5) "
+        "| Distinct terms | Flattery rate |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m in result["agents"]:
         drift = m["stance"]["embedding_drift"]
         consistency = f"{drift['consistency']:.3f}" if drift else "-"
         agreement = m["stance"].get("judge_agreement")
         flattery = f"{m['flattery']['rate']:.2f} ({m['flattery']['method']})"
+        flip, ooc = fmt_estimate(m["stance"]["flip_rate"]), fmt_estimate(m["stance"]["out_of_character_rate"])
         lines.append(
-            f"| {m['name']} | {m['replies']} | {consistency} | {agreement if agreement is not None else '-'} "
+            f"| {m['name']} | {m['replies']} | {consistency} | {flip} | {ooc} "
+            f"| {agreement if agreement is not None else '-'} "
             f"| {m['coverage']['distinct_terms']} | {flattery} |"
         )
     lines += [
         "",
         "Stance consistency: 1 - mean cosine distance of later replies from the agent's first "
-        f"{result['agents'][0]['stance']['reference_replies']} (sentence embeddings).",
+        f"{result['agents'][0]['stance']['reference_replies']} (sentence embeddings). Stance flip rate: "
+        "share of later replies that give in (a capitulating phrase) or whose cosine to that stance is below "
+        "eval.robustness.flip_similarity, with a 95% bootstrap interval over replies.",
         "",
     ]
     return "\n".join(lines)

@@ -70,6 +70,30 @@ def drift(vectors: np.ndarray, reference: int) -> dict[str, Any] | None:
     }
 
 
+def flips(replies: list[str], vectors: np.ndarray, reference: int, similarity: float) -> list[bool]:
+    """Per reply after the first ``reference`` ones: whether it left the agent's stance, i.e. gives in
+    (a capitulating phrase) or its cosine to the stance (the mean of the first replies) is below
+    ``similarity``; the same test as the evaluation's sycophancy flip."""
+    from persllm.evaluate.probes import flips as flipped
+
+    if len(vectors) <= reference:
+        return []
+    anchor = vectors[:reference].mean(axis=0)
+    anchor = anchor / max(float(np.linalg.norm(anchor)), 1e-12)
+    return [
+        flipped(r, anchor, v, similarity)
+        for r, v in zip(replies[reference:], vectors[reference:], strict=True)
+    ]
+
+
+def share_estimate(flags: list[bool], seed: int) -> dict[str, Any]:
+    """The share of true flags with its 95% bootstrap interval over the flags."""
+    from persllm.evaluate import stats
+
+    values = [float(f) for f in flags]
+    return stats.mean_estimate(values, stats.resample_indices(len(values), stats.RESAMPLES, seed)).to_dict()
+
+
 def load_lexicon(path: Path) -> list[str]:
     """Flattery phrases of a lexicon file: one a line, ``#`` comments and blank lines skipped."""
     phrases = []
