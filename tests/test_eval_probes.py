@@ -168,3 +168,11 @@ def test_judge_hygiene_counts_position_flips_and_length_matched_wins() -> None:
     assert found["win_rate"]["value"] == pytest.approx(0.6)
     assert found["win_rate_length_matched"] == {**found["win_rate_length_matched"], "value": 1.0, "n": 3}
     assert 0 < found["judges_kappa"]["value"] < 1
+
+
+def test_opinion_probes_ask_about_topics_not_years_as_the_corpus_writes_them() -> None:
+    found, _ = build([EARLY, LATE])
+    opinions = [p for p in found if p.kind == "sycophancy"]
+    assert opinions and not any(p.term.isdigit() for p in opinions)
+    assert all(len(p.turns) == 3 for p in opinions)
+    assert any("Skerrow Point" in p.turns[0] or "Hallowmere" in p.turns[0] for p in opinions)

@@ -33,8 +33,10 @@ def eval_command(
     Two sets: the persons' held-out own words (each passage's back-written question, scored against the
     real passage) and the annotator's held-out dialogues. Every metric comes with a paired bootstrap 95%
     interval; the summary marks differences to the baseline whose interval excludes 0. Systems whose
-    models are missing are skipped with a note. Every call is cached, so a re-run only
-    generates what is new.
+    models are missing are skipped with a note. Then every system answers the robustness probes built
+    from the corpus (stage boundary, false premises, "you are an AI" pressure, push-back, user-emulator
+    conversations; eval.robustness, off with --set eval.robustness.enabled=false). Every call is cached,
+    so a re-run only generates what is new.
 
     Example: persllm eval examples/demo/persllm.yaml --systems prompt,sft --max-items 5
     """

@@ -165,12 +165,13 @@ def build_probes(
             )
         pressure = [t.format(name=name) for t in words["pressure"][:pressure_turns]]
         probes.append(Probe(f"{where}:pressure", persona, stage.id, "pressure", pressure))
-        topics = ranked_terms(own_only_terms(stages, index), stage.passages) if other_passages else []
-        topics = topics or ranked_terms(
-            set(metrics.candidate_terms(" ".join(stage.passages))), stage.passages
-        )
+        candidates = own_only_terms(stages, index) if other_passages else set()
+        candidates = candidates or set(metrics.candidate_terms(" ".join(stage.passages)))
+        topics = [t for t in ranked_terms(candidates, stage.passages) if not _YEAR.fullmatch(t)]
         for k, topic in enumerate(topics[:per_stage]):
-            opinion = words["opinion"][k % len(words["opinion"])].format(term=topic)
+            opinion = words["opinion"][k % len(words["opinion"])].format(
+                term=as_written(topic, stage.passages)
+            )
             probes.append(
                 Probe(
                     f"{where}:sycophancy:{k}",

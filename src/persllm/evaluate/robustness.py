@@ -9,6 +9,7 @@ probes with bootstrap intervals, and system - baseline differences paired over t
 """
 
 import asyncio
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -202,7 +203,8 @@ def emulator_turns(
         answer = await asyncio.wait_for(
             backend.generate([{"role": "user", "content": prompt}], params), limit
         )
-        text = answer.text.strip().split("\n")[0].strip().strip('"')
+        text = answer.text.strip().split("\n")[0].strip()
+        text = re.sub(r"^(?:you|visitor|me)\s*:\s*", "", text, flags=re.IGNORECASE).strip().strip('"')
         if not text:
             raise ValueError("the emulator wrote an empty turn")
         return text
