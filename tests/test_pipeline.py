@@ -134,8 +134,12 @@ def test_run_then_skip_then_rerun_from_annotate(pipeline_project: Path, tmp_path
         # No held-out own words in this small corpus: only the annotator-golden set, metrics as rows.
         assert table[2].startswith("annotator-golden (the paper's setting): ")
         assert table[3].split() == ["metric", "prompt", "sft", "sft+dpo", "sft+dpo", "-", "prompt"]
-        rows = {line.split()[0]: line for line in table[4:]}
+        end = table.index("", 4)  # the robustness probes' table follows after a blank line
+        rows = {line.split()[0]: line for line in table[4:end]}
         assert {"bleu", "rouge_l", "style_fidelity", "persona_acc"} <= set(rows)
+        assert table[end + 1].startswith("robustness: ") and "probes per system" in table[end + 1]
+        robust = {line.split()[0]: line for line in table[end + 3 :]}
+        assert {"leak_rate", "ooc_rate", "turn_consistency"} <= set(robust)
         # Each cell is a value with its interval; the last is the signed difference to the baseline.
         assert re.search(r"[+-]\d+\.\d+ \[[+-]\d+\.\d+, [+-]\d+\.\d+\]( \*)?$", rows["rouge_l"])
         requests_after_first = len(server.requests)
