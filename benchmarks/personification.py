@@ -9,11 +9,11 @@ Inter, with and without DPO) and whether each target was met.
 
     .venv/bin/python benchmarks/personification.py [--size small|full] [--fresh]
 
-``small`` (what ``make bench`` runs, about 35 minutes here): 8 held-out passages and 16 own-words
-dialogues per stage. ``full`` (at most 2 hours on 2 cores): 15 held-out passages and 40 dialogues per
-stage, two samples per item. Every model call is cached in the run folder, so a re-run only pays for
-what changed; ``--fresh`` starts from an empty run folder. Prints a table and writes
-benchmarks/out/personification.json.
+``small`` (what ``make bench`` runs, about 60 minutes here with the robustness probes): 8 held-out
+passages and 16 own-words dialogues per stage. ``full`` (at most 2 hours on 2 cores): 15 held-out
+passages and 40 dialogues per stage, two samples per item. Every model call is cached in the run
+folder, so a re-run only pays for what changed; ``--fresh`` starts from an empty run folder. Prints a
+table and writes benchmarks/out/personification.json.
 """
 
 import argparse
