@@ -23,6 +23,7 @@ BENCHMARKS = [
     "generation",
     "structured_output",
     "serve",
+    "stage_labels",  # two demo runs (text labels, new tokens) unless they exist: about 40 minutes
     "personification",  # --size small here (about 35 minutes); --size full by hand, at most 2 hours
 ]
 

@@ -1,8 +1,9 @@
 """A small real project for the chat, converse and serve tests (and benchmarks/serve.py).
 
 Two personas, two stages each, on the tiny Llama of ``tests/tiny.py``; each persona gets a real PEFT
-LoRA adapter saved like training saves it (tokenizer with the stage label tokens added, embeddings
-resized), with random LoRA weights so the personas answer differently.
+LoRA adapter saved like training saves it (a plain adapter with text stage labels, or, for the personas
+named in ``grown``, one trained with new stage tokens: tokenizer grown, embeddings saved), with random
+LoRA weights so the personas answer differently.
 """
 
 from pathlib import Path
@@ -63,11 +64,12 @@ def write_project(root: Path, base_model: Path, serve: dict[str, Any] | None = N
     return path
 
 
-def make_adapter(base_model: Path, out: Path, labels: list[str], seed: int) -> Path:
+def make_adapter(base_model: Path, out: Path, labels: list[str], seed: int, new_tokens: bool = False) -> Path:
     """A LoRA adapter on ``base_model`` saved as training saves one, with random weights.
 
-    As in ``persllm.train``: the stage labels become special tokens (new embedding rows), the (tied)
-    embeddings are trained as ``modules_to_save``, and only the adapter's own copies are written.
+    With ``new_tokens``, as ``stage_labels.kind: new_tokens`` trains: the stage labels become special
+    tokens (new embedding rows), the (tied) embeddings are trained as ``modules_to_save``, and only the
+    adapter's own copies are written. Otherwise a plain LoRA adapter (the default kind, text labels).
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -77,14 +79,12 @@ def make_adapter(base_model: Path, out: Path, labels: list[str], seed: int) -> P
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     model = AutoModelForCausalLM.from_pretrained(base_model)
-    add_stage_tokens(model, tokenizer, labels)
+    grown: dict[str, Any] = {}
+    if new_tokens:
+        add_stage_tokens(model, tokenizer, labels)
+        grown = {"modules_to_save": ["embed_tokens"], "ensure_weight_tying": tied_embeddings(model)}
     lora = LoraConfig(
-        r=4,
-        lora_alpha=16,
-        target_modules=["q_proj", "v_proj", "o_proj"],
-        modules_to_save=["embed_tokens"],
-        ensure_weight_tying=tied_embeddings(model),
-        task_type="CAUSAL_LM",
+        r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM", **grown
     )
     peft_model = get_peft_model(model, lora)
     generator = torch.Generator().manual_seed(seed)
@@ -100,17 +100,22 @@ def make_adapter(base_model: Path, out: Path, labels: list[str], seed: int) -> P
     return out
 
 
-def build_project(root: Path, base_model: Path, variants: tuple[str, ...] = ("sft",), **kwargs: Any) -> Path:
-    """The project plus ``models/<persona>/<variant>`` adapters for every persona (dpo only for elsie)."""
+def build_project(
+    root: Path,
+    base_model: Path,
+    variants: tuple[str, ...] = ("sft",),
+    grown: tuple[str, ...] = (),
+    **kwargs: Any,
+) -> Path:
+    """The project plus ``models/<persona>/<variant>`` adapters for every persona (dpo only for elsie);
+    the personas in ``grown`` were trained with new stage tokens."""
     path = write_project(root, base_model, **kwargs)
     for index, pid in enumerate(PERSONAS):
         for offset, variant in enumerate(variants):
             if variant == "dpo" and pid != "elsie":
                 continue
-            labels = ["<TIME-I>", "<TIME-II>"]
-            make_adapter(
-                base_model, root / "runs" / "talk" / "models" / pid / variant, labels, 10 * index + offset
-            )
+            out = root / "runs" / "talk" / "models" / pid / variant
+            make_adapter(base_model, out, ["<TIME-I>", "<TIME-II>"], 10 * index + offset, pid in grown)
     return path
 
 
@@ -129,4 +134,4 @@ def test_project_loads_and_lists_adapters(tmp_path: Path, tiny_model_dir: Path) 
     assert "jonah:schoolmaster:prompt" in ids
     saved = tmp_path / "runs" / "talk" / "models" / "elsie" / "sft"
     assert (saved / "adapter_config.json").exists()
-    assert "<TIME-II>" in (saved / "tokenizer.json").read_text(encoding="utf-8")
+    assert "<TIME-II>" not in (saved / "tokenizer.json").read_text(encoding="utf-8")  # a plain adapter

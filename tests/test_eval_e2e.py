@@ -32,16 +32,20 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def make_adapter(base: Path, target: Path, labels: list[str], answer: str, steps: int = 3) -> Path:
-    """A LoRA adapter on ``base`` with the stage label tokens added, trained a few real steps."""
+def make_adapter(
+    base: Path, target: Path, labels: list[str], answer: str, steps: int = 3, new_tokens: bool = False
+) -> Path:
+    """A LoRA adapter on ``base`` trained a few real steps on a labelled exchange; with ``new_tokens`` the
+    labels are added as special tokens and the grown embeddings are saved with the adapter."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    tokenizer.add_special_tokens({"additional_special_tokens": labels})
     model = AutoModelForCausalLM.from_pretrained(base)
-    model.resize_token_embeddings(len(tokenizer))
+    if new_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": labels})
+        model.resize_token_embeddings(len(tokenizer))
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     text = tokenizer.apply_chat_template(
         [
@@ -56,7 +60,7 @@ def make_adapter(base: Path, target: Path, labels: list[str], answer: str, steps
         model(**batch, labels=batch["input_ids"]).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    model.save_pretrained(target, save_embedding_layers=True)
+    model.save_pretrained(target, save_embedding_layers=new_tokens)
     tokenizer.save_pretrained(target)
     return target
 
@@ -106,7 +110,9 @@ def setup(tmp_path: Path, model: Path, remote: str = "", judge: str = "") -> Pro
     write_heldout(project, per_stage=2, without_context=1 if remote else 0)
     for persona in project.personas.values():
         labels = [str(stage.label) for stage in persona.stages]
-        make_adapter(model, project.run_dir / "models" / persona.id / "sft", labels, f"{persona.name} does.")
+        folder = project.run_dir / "models" / persona.id / "sft"
+        # jonah's adapter grew the vocabulary (new stage tokens): it runs on a base model of its own.
+        make_adapter(model, folder, labels, f"{persona.name} does.", new_tokens=persona.id == "jonah")
     if remote:
         from persllm import index
 

@@ -1,4 +1,6 @@
-"""``persllm export``: merged weights that reload with plain transformers and generate like the adapter."""
+"""``persllm export``: merged weights that reload with plain transformers, and GGUF files for llama.cpp
+and Ollama (one base file and a LoRA adapter file per persona, or one merged file) that answer like
+transformers."""
 
 import json
 import shutil
@@ -12,8 +14,8 @@ from typer.testing import CliRunner
 from persllm.cli import app
 from persllm.config import Project, load_project
 from persllm.errors import UserError
-from persllm.train import dpo, export, sft
-from tests.test_train import ANSWERS, DPO_TRL, QUESTIONS, SFT_TRL, dialogue, make_project
+from persllm.train import dpo, export, gguf_files, sft
+from tests.test_train import ANSWERS, DPO_TRL, QUESTIONS, SFT_TRL, dialogue, know_the_answers, make_project
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -24,16 +26,27 @@ def one_thread() -> Any:
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def project(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Project:
+def trained_project(root: Path, tiny_model_dir: Path, overrides: dict[str, Any] | None = None) -> Project:
     """A short SFT then a short DPO: enough to move every trained weight away from the base."""
-    root = tmp_path_factory.mktemp("exportproj")
-    base = shutil.copytree(tiny_model_dir, root / "base")
-    config = make_project(root, base, {**SFT_TRL, "max_steps": 8}, {**DPO_TRL, "max_steps": 2})
-    loaded = load_project(config)
+    base = know_the_answers(shutil.copytree(tiny_model_dir, root / "base"))
+    config = make_project(root, base, {**SFT_TRL, "max_steps": 30}, {**DPO_TRL, "max_steps": 2})
+    loaded = load_project(config, overrides)
     sft.run(loaded, "elsie")
     dpo.run(loaded, "elsie")
     return loaded
+
+
+@pytest.fixture(scope="module")
+def project(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Project:
+    """Trained with the default text stage labels: plain LoRA adapters."""
+    return trained_project(tmp_path_factory.mktemp("exportproj"), tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def grown(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Project:
+    """Trained with stage_labels.kind: new_tokens: the adapters grow the vocabulary."""
+    root = tmp_path_factory.mktemp("grownproj")
+    return trained_project(root, tiny_model_dir, {"stage_labels.kind": "new_tokens"})
 
 
 def prompt_ids(tokenizer: Any, label: str) -> Any:
@@ -50,7 +63,7 @@ def test_cli_export_reloads_with_plain_transformers(project: Project, tmp_path: 
         app, ["export", str(project.config_path), "--persona", "elsie", "--merge", str(out)]
     )
     assert result.exit_code == 0, result.output
-    assert "elsie: dpo merged" in result.output and "<TIME-II>=" in result.output
+    assert "elsie: dpo merged" in result.output and "<TIME-II>=" not in result.output  # text labels
     assert not (out / "adapter_config.json").exists() and (out / "config.json").exists()
 
     merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
@@ -58,8 +71,9 @@ def test_cli_export_reloads_with_plain_transformers(project: Project, tmp_path: 
     adapter_model, adapter_tokenizer = export.load_trained(project, "elsie", "dpo")
     assert tokenizer.chat_template == adapter_tokenizer.chat_template
     marker = json.loads((out / export.MARKER).read_text())
+    assert marker["stage_labels"] == {"keeper": "<TIME-I>", "engineer": "<TIME-II>"}
+    assert marker["stage_tokens"] == {}
     for label in ANSWERS:
-        assert tokenizer.convert_tokens_to_ids(label) == marker["stage_tokens"][label]
         batch = prompt_ids(tokenizer, label)
         with torch.no_grad():
             expected = adapter_model(**batch).logits
@@ -71,15 +85,16 @@ def test_cli_export_reloads_with_plain_transformers(project: Project, tmp_path: 
     assert merged.get_output_embeddings().weight.data_ptr() == merged.get_input_embeddings().weight.data_ptr()
 
 
-def test_export_sft_differs_from_base_and_replaces_earlier_export(project: Project, tmp_path: Path) -> None:
+def test_export_sft_differs_from_base_and_replaces_earlier_export(grown: Project, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "elsie-sft"
-    first = export.run(project, "elsie", out, variant="sft")
+    first = export.run(grown, "elsie", out, variant="sft")
     assert first["variant"] == "sft" and first["training"]["stage"] == "sft"
-    export.run(project, "elsie", out, variant="sft")  # an earlier export is replaced
+    assert set(first["stage_tokens"]) == set(ANSWERS)  # new tokens: one id per label
+    export.run(grown, "elsie", out, variant="sft")  # an earlier export is replaced
     merged = AutoModelForCausalLM.from_pretrained(str(out))
-    base = AutoModelForCausalLM.from_pretrained(str(project.root / "base"))
+    base = AutoModelForCausalLM.from_pretrained(str(grown.root / "base"))
     vocab = base.get_input_embeddings().weight.shape[0]
     assert merged.get_input_embeddings().weight.shape[0] == vocab + 2
     changed = merged.model.layers[0].self_attn.q_proj.weight - base.model.layers[0].self_attn.q_proj.weight
@@ -125,29 +140,43 @@ def greedy_reply(model: Any, tokenizer: Any, messages: list[dict[str, str]], tok
     return width, tokenizer.decode(ids[width:], skip_special_tokens=True)
 
 
-def test_cli_export_gguf_answers_in_llamacpp_like_transformers(project: Project, tmp_path: Path) -> None:
-    """The GGUF file loads in llama.cpp, keeps the stage tokens as single control tokens, and greedy
-    continuations match the merged transformers model on the same labelled prompts."""
+def run_export(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    from tests.test_cli_project import run_main
+
+    return run_main(["export", *args], capsys)
+
+
+def llamacpp(model: Path, adapters: dict[str, Path] | None = None, tokens: int = 12) -> Any:
+    from persllm.llm import LlamaCppBackend, LLMConfig
+
+    engine = LlamaCppBackend(
+        LLMConfig(
+            backend="llamacpp",
+            model=str(model),
+            concurrency=2,
+            params={"temperature": 0, "max_tokens": tokens},
+        )
+    )
+    for name, path in (adapters or {}).items():
+        engine.add_adapter(name, path)
+    return engine
+
+
+def test_cli_export_gguf_merged_keeps_new_tokens_as_control_tokens(grown: Project, tmp_path: Path) -> None:
+    """One merged file (``--gguf NAME.gguf``) of a persona trained with new tokens: they are single
+    control tokens in llama.cpp, and greedy replies match the merged transformers model."""
     import gguf
 
-    from persllm.llm import LlamaCppBackend, LLMConfig, run_sync
+    from persllm.llm import run_sync
 
     out = tmp_path / "elsie-dpo.gguf"
-    args = [
-        "export",
-        str(project.config_path),
-        "--persona",
-        "elsie",
-        "--gguf",
-        str(out),
-        "--gguf-type",
-        "f32",
-    ]
+    args = ["export", str(grown.config_path), "--persona", "elsie", "--gguf", str(out), "--gguf-type", "f32"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "elsie: dpo as GGUF f32" in result.output and "<TIME-II>=" in result.output
     modelfile = (tmp_path / "elsie-dpo.Modelfile").read_text()
     assert "FROM ./elsie-dpo.gguf" in modelfile and 'SYSTEM """You are Elsie Wren.' in modelfile
+    assert "ADAPTER" not in modelfile
     assert "<TIME-II> {{ end }}{{ .Content }}" in modelfile  # the latest stage's label on the first user turn
 
     reader = gguf.GGUFReader(str(out))
@@ -164,12 +193,8 @@ def test_cli_export_gguf_answers_in_llamacpp_like_transformers(project: Project,
     template = bytes(reader.fields["tokenizer.chat_template"].parts[-1]).decode()
     assert "<|im_start|>" in template and "{% generation %}" not in template
 
-    merged, tokenizer = export.load_trained(project, "elsie", "dpo", merge=True)
-    engine = LlamaCppBackend(
-        LLMConfig(
-            backend="llamacpp", model=str(out), concurrency=1, params={"temperature": 0, "max_tokens": 12}
-        )
-    )
+    merged, tokenizer = export.load_trained(grown, "elsie", "dpo", merge=True)
+    engine = llamacpp(out)
     try:
         for label in ANSWERS:
             for question in QUESTIONS[:2]:
@@ -177,7 +202,82 @@ def test_cli_export_gguf_answers_in_llamacpp_like_transformers(project: Project,
                 width, expected = greedy_reply(merged, tokenizer, messages, 12)
                 got = run_sync(engine.generate(messages, {}))
                 assert got.prompt_tokens == width  # the same prompt tokens: one token per stage label
-                assert got.text.split()[:3] == expected.split()[:3]
+                assert got.text == expected
+    finally:
+        run_sync(engine.aclose())
+
+
+def test_cli_export_gguf_dir_is_one_base_and_small_adapters_that_answer_like_transformers(
+    project: Project, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--gguf DIR``: the base once, each trained variant as a llama.cpp LoRA adapter; one engine runs
+    both adapters side by side with the greedy replies of the PEFT adapters in transformers."""
+    from persllm.llm import LLMConfig, TransformersBackend, run_sync
+
+    out = tmp_path / "gguf"
+    config = str(project.config_path)
+    code, printed, err = run_export(
+        [config, "--gguf", str(out), "--gguf-type", "f32", "--model", "sft"], capsys
+    )
+    assert code == 0, err
+    assert "base: " in printed and "elsie: sft as lora GGUF f32" in printed
+    base_file, made = out / "base.gguf", base_stamp(out)
+    code, printed, err = run_export(
+        [config, "--gguf", str(out), "--gguf-type", "f32", "--model", "dpo"], capsys
+    )
+    assert code == 0, err
+    assert base_stamp(out) == made and "base: " in printed  # the same base is not written again
+    modelfile = (out / "elsie.Modelfile").read_text()
+    assert "FROM ./base.gguf\nADAPTER ./elsie-dpo.lora.gguf\n" in modelfile
+    sft_file, dpo_file = out / "elsie-sft.lora.gguf", out / "elsie-dpo.lora.gguf"
+    assert sft_file.stat().st_size * 3 < base_file.stat().st_size
+
+    adapters = {v: project.run_dir / "models" / "elsie" / v for v in ("sft", "dpo")}
+    reference = TransformersBackend(
+        LLMConfig(
+            model=project.config.base_model.model, device="cpu", params={"temperature": 0, "max_tokens": 12}
+        )
+    )
+    for name, folder in adapters.items():
+        reference.add_adapter(name, folder)
+    engine = llamacpp(base_file, {"sft": sft_file, "dpo": dpo_file})
+    conversations = [dialogue(label, question) for label in ANSWERS for question in QUESTIONS[:2]]
+    try:
+        replies: dict[str, list[str]] = {}
+        for name in ("dpo", "base", "sft"):
+            expected = reference.generate_batch(conversations, {"adapter": name})
+            got = [run_sync(engine.generate(m, {"adapter": name})) for m in conversations]
+            assert [g.prompt_tokens for g in got] == [e.prompt_tokens for e in expected]
+            assert [g.text for g in got] == [e.text for e in expected], name
+            replies[name] = [g.text for g in got]
+        assert replies["sft"] != replies["base"]  # the adapter really changes what the base says
+    finally:
+        run_sync(engine.aclose())
+
+
+def base_stamp(out: Path) -> int:
+    return (out / "base.gguf").stat().st_mtime_ns
+
+
+def test_gguf_dir_exports_a_new_tokens_persona_merged(grown: Project, tmp_path: Path) -> None:
+    info = gguf_files.export_dir(grown, tmp_path / "gguf", file_type="f16")
+    (item,) = info["personas"]
+    assert info["base"] is None and not (tmp_path / "gguf" / "base.gguf").exists()
+    assert item["form"] == "merged" and item["gguf"].endswith("elsie-dpo.gguf")
+    modelfile = (tmp_path / "gguf" / "elsie.Modelfile").read_text()
+    assert "FROM ./elsie-dpo.gguf" in modelfile and "ADAPTER" not in modelfile
+
+
+def test_gguf_q8_0_export_is_smaller_and_runs(project: Project, tmp_path: Path) -> None:
+    from persllm.llm import run_sync
+
+    f16 = gguf_files.export_dir(project, tmp_path / "f16", file_type="f16")
+    q8 = gguf_files.export_dir(project, tmp_path / "q8", file_type="q8_0")
+    assert q8["base"]["file_type"] == "q8_0" and q8["base"]["bytes"] < f16["base"]["bytes"]
+    engine = llamacpp(Path(q8["base"]["gguf"]), {"dpo": Path(q8["personas"][0]["gguf"])})
+    try:
+        reply = run_sync(engine.generate(dialogue("<TIME-I>", QUESTIONS[0]), {"adapter": "dpo"}))
+        assert reply.completion_tokens > 0
     finally:
         run_sync(engine.aclose())
 
@@ -185,28 +285,124 @@ def test_cli_export_gguf_answers_in_llamacpp_like_transformers(project: Project,
 def test_gguf_export_bad_input_is_one_line_and_keeps_files(
     project: Project, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from tests.test_cli_project import run_main
-
-    base = ["export", str(project.config_path), "--persona", "elsie"]
-    code, _, err = run_main([*base, "--gguf", str(tmp_path / "x.bin")], capsys)
-    assert code == 2 and "name the output file NAME.gguf" in err and len(err.strip().splitlines()) == 1
-    code, _, err = run_main(
+    base = [str(project.config_path), "--persona", "elsie"]
+    code, _, err = run_export([*base, "--gguf", str(tmp_path / "out"), "--gguf-type", "q4_k"], capsys)
+    assert code == 2 and "--gguf-type 'q4_k': use one of f16, f32, q8_0" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    code, _, err = run_export(
         [*base, "--gguf", str(tmp_path / "a.gguf"), "--merge", str(tmp_path / "m")], capsys
     )
     assert code == 2 and "exactly one of --merge" in err
     mine = tmp_path / "mine.gguf"
     mine.write_bytes(b"GGUF mine")
-    code, _, err = run_main([*base, "--gguf", str(mine)], capsys)
+    code, _, err = run_export([*base, "--gguf", str(mine)], capsys)
     assert code == 2 and "not an earlier persllm export" in err and "Traceback" not in err
     assert mine.read_bytes() == b"GGUF mine" and not (tmp_path / "a.gguf").exists()
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "base.gguf").write_text("mine")
+    code, _, err = run_export([*base, "--gguf", str(folder)], capsys)
+    assert code == 2 and "not an earlier persllm --gguf export" in err
+    assert (folder / "base.gguf").read_text() == "mine" and len(list(folder.iterdir())) == 1
+
+
+def test_llamacpp_backend_refuses_what_is_not_a_gguf_lora(project: Project, tmp_path: Path) -> None:
+    from persllm.llm import LlamaCppBackend, LLMConfig
+
+    info = gguf_files.export_dir(project, tmp_path / "gguf", file_type="f16")
+    base = info["base"]["gguf"]
+    peft_folder = project.run_dir / "models" / "elsie" / "sft"
+    with pytest.raises(UserError, match=r"is a PEFT adapter folder; .* persllm export CONFIG --gguf DIR"):
+        LlamaCppBackend(LLMConfig(backend="llamacpp", model=base, adapter=str(peft_folder)))
+    with pytest.raises(UserError, match=r"is a GGUF model, not a LoRA adapter"):
+        LlamaCppBackend(LLMConfig(backend="llamacpp", model=base, adapter=base))
+    engine = LlamaCppBackend(LLMConfig(backend="llamacpp", model=base))
+    with pytest.raises(UserError, match="is not a GGUF file"):
+        engine.add_adapter("elsie", tmp_path / "gguf" / "elsie.Modelfile")
+
+
+def test_persllm_adapters_pass_vllms_lora_rules_and_new_tokens_do_not(
+    project: Project, grown: Project
+) -> None:
+    from persllm.train.vllm_check import max_lora_rank, vllm_problems
+
+    vocab = json.loads((project.root / "base" / "config.json").read_text())["vocab_size"]
+    for variant in ("sft", "dpo"):
+        folder = project.run_dir / "models" / "elsie" / variant
+        assert vllm_problems(folder, base_vocab=vocab) == [] and max_lora_rank(folder) == 8
+    problems = " | ".join(vllm_problems(grown.run_dir / "models" / "elsie" / "sft", base_vocab=vocab))
+    assert "modules_to_save ['embed_tokens'" in problems and "is not a LoRA weight vLLM loads" in problems
+    assert "no LoRA extra vocabulary" in problems
+
+
+def test_cli_export_vllm_prints_the_serve_command_or_says_what_vllm_refuses(
+    project: Project, grown: Project, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, printed, _ = run_export([str(project.config_path), "--vllm"], capsys)
+    folder = project.run_dir / "models" / "elsie" / "dpo"
+    base = project.config.base_model.model
+    assert code == 0 and printed.strip() == (
+        f"vllm serve {base} --enable-lora --max-lora-rank 8 --lora-modules elsie-dpo={folder}"
+    )
+    code, _, err = run_export([str(grown.config_path), "--vllm", "--model", "sft"], capsys)
+    assert code == 2 and "vLLM would refuse this adapter (modules_to_save" in err
+
+
+def test_vllm_rules_catch_what_vllm_refuses(project: Project, tmp_path: Path) -> None:
+    from persllm.train.vllm_check import vllm_problems
+
+    folder = shutil.copytree(project.run_dir / "models" / "elsie" / "sft", tmp_path / "adapter")
+    settings = json.loads((folder / "adapter_config.json").read_text())
+    settings.update(use_dora=True, bias="all", r=1024, init_lora_weights="pissa")
+    (folder / "adapter_config.json").write_text(json.dumps(settings))
+    problems = " | ".join(vllm_problems(folder))
+    for expected in ("use_dora", "bias 'all'", "rank over 512", "init_lora_weights 'pissa'"):
+        assert expected in problems
+    (folder / "adapter_model.safetensors").unlink()
+    assert any("doesn't contain tensors" in p for p in vllm_problems(folder))
+
+
+def test_tiny_qwen2_base_and_adapter_as_gguf_answer_like_transformers(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from persllm.llm import LLMConfig, TransformersBackend, run_sync
+    from persllm.train.gguf_export import write_gguf, write_lora_gguf
+    from tests.conftest import TINY_DIALOGUES
+    from tests.test_adapter_pool import make_adapter
+    from tests.tiny import build_tiny_model, pretrain_tiny_model
+
+    folder = build_tiny_model(tmp_path / "qwen2", architecture="qwen2")
+    pretrain_tiny_model(folder, TINY_DIALOGUES)
+    adapter = make_adapter(str(folder), tmp_path / "adapter", seed=4)
+    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    facts = write_gguf(
+        model, AutoTokenizer.from_pretrained(str(folder)), tmp_path / "base.gguf", "qwen2", "f32"
+    )
+    assert facts["pre_tokenizer"] == "qwen2"
+    write_lora_gguf(adapter, model.config, tmp_path / "adapter.gguf", "adapter", "f32")
+
+    reference = TransformersBackend(
+        LLMConfig(model=str(folder), device="cpu", params={"temperature": 0, "max_tokens": 10})
+    )
+    reference.add_adapter("a", adapter)
+    engine = llamacpp(tmp_path / "base.gguf", {"a": tmp_path / "adapter.gguf"}, tokens=10)
+    try:
+        for name in ("a", "base"):
+            for conversation in TINY_DIALOGUES:
+                messages = conversation[:1]
+                (expected,) = reference.generate_batch([messages], {"adapter": name})
+                got = run_sync(engine.generate(messages, {"adapter": name}))
+                assert (got.prompt_tokens, got.text) == (expected.prompt_tokens, expected.text), name
+    finally:
+        run_sync(engine.aclose())
 
 
 @pytest.mark.slow
 def test_smollm2_with_stage_tokens_as_gguf_answers_like_transformers(tmp_path: Path) -> None:
-    """The bundled SmolLM2 with the stage tokens added (as training adds them), written as F16 GGUF."""
+    """The bundled SmolLM2 with the stage tokens added (as new_tokens training adds them), written as F16."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from persllm.llm import LlamaCppBackend, LLMConfig, run_sync
+    from persllm.llm import run_sync
     from persllm.llm.bundled import smollm2_folder
     from persllm.train.common import add_stage_tokens
     from persllm.train.gguf_export import write_gguf
@@ -219,11 +415,7 @@ def test_smollm2_with_stage_tokens_as_gguf_answers_like_transformers(tmp_path: P
     # transformers' tokenizer of the GGUF file is plain byte-level: the export keeps training's tokenization.
     assert info["pre_tokenizer"] == "gpt-2"
     assert info["vocab"] == len(tokenizer) and info["file_type"] == "f16"
-    engine = LlamaCppBackend(
-        LLMConfig(
-            backend="llamacpp", model=info["gguf"], concurrency=1, params={"temperature": 0, "max_tokens": 8}
-        )
-    )
+    engine = llamacpp(Path(info["gguf"]), tokens=8)
     try:
         for label in ANSWERS:
             messages = [
@@ -238,9 +430,48 @@ def test_smollm2_with_stage_tokens_as_gguf_answers_like_transformers(tmp_path: P
         run_sync(engine.aclose())
 
 
-def test_llamacpp_base_model_runs_trained_personas_from_their_gguf(project: Project) -> None:
-    """``base_model.backend: llamacpp``: eval's trained system and chat's speaker generate with the merged
-    GGUF exported on first use (kept while the weights stay the same), greedily like transformers."""
+@pytest.mark.slow
+def test_smollm2_base_with_lora_adapters_in_llamacpp_answers_like_transformers(tmp_path: Path) -> None:
+    """SmolLM2 as one F32 base file and two LoRA adapter files on one engine: greedy replies equal the
+    PEFT adapters in transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from persllm.llm import LLMConfig, TransformersBackend, run_sync
+    from persllm.llm.bundled import smollm2_folder
+    from persllm.train.gguf_export import write_gguf, write_lora_gguf
+    from tests.test_adapter_pool import PROMPTS, make_adapter
+
+    folder = str(smollm2_folder())
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    write_gguf(model, AutoTokenizer.from_pretrained(folder), tmp_path / "base.gguf", "SmolLM2", "f32")
+    adapters = {}
+    for index in range(2):
+        peft_folder = make_adapter(folder, tmp_path / f"p{index}", seed=index, scale=0.05)
+        adapters[f"p{index}"] = (peft_folder, tmp_path / f"p{index}.lora.gguf")
+        write_lora_gguf(peft_folder, model.config, adapters[f"p{index}"][1], f"p{index}", "f32")
+    del model
+    reference = TransformersBackend(
+        LLMConfig(model="bundled:smollm2", device="cpu", params={"temperature": 0, "max_tokens": 16})
+    )
+    for name, (peft_folder, _) in adapters.items():
+        reference.add_adapter(name, peft_folder)
+    engine = llamacpp(tmp_path / "base.gguf", {n: f for n, (_, f) in adapters.items()}, tokens=16)
+    try:
+        texts = {}
+        for name in ("p1", "base", "p0"):
+            expected = reference.generate_batch(PROMPTS, {"adapter": name})
+            got = [run_sync(engine.generate(m, {"adapter": name})) for m in PROMPTS]
+            assert [g.text for g in got] == [e.text for e in expected], name
+            texts[name] = tuple(g.text for g in got)
+        assert len(set(texts.values())) == 3
+    finally:
+        run_sync(engine.aclose())
+
+
+def test_llamacpp_base_model_runs_trained_personas_as_adapters_of_one_base(project: Project) -> None:
+    """``base_model.backend: llamacpp``: eval's trained system and chat's speaker are LoRA adapter files on
+    the base's GGUF (exported on first use, kept while the weights stay the same), greedily like
+    transformers."""
     from persllm.evaluate.systems import Request, System, generate, plan_systems
     from persllm.interact.models import ModelPool, chat_ref
     from persllm.llm import run_sync
@@ -256,13 +487,14 @@ def test_llamacpp_base_model_runs_trained_personas_from_their_gguf(project: Proj
     params = {"temperature": 0, "max_tokens": 12}
     answers = generate(on_llamacpp, requests, params, cache=None)
 
-    made = project.run_dir / "models" / "elsie" / "dpo" / export.GENERATION_GGUF
-    base_gguf = project.run_dir / "models" / export.GENERATION_GGUF
-    assert made.exists() and base_gguf.exists()  # a Hugging Face base is exported too
+    models = project.run_dir / "models"
+    made = models / "elsie" / "dpo.lora.gguf"
+    assert made.exists() and (models / gguf_files.GENERATION_GGUF).exists()  # the base is exported too
+    assert not (models / "elsie" / "dpo" / gguf_files.GENERATION_GGUF).exists()  # no merged copy
     stamp = made.stat().st_mtime_ns
     for conversation, answer in zip(messages, answers, strict=False):
         width, expected = greedy_reply(merged, tokenizer, conversation, 12)
-        assert answer.prompt_tokens == width and answer.text.split()[:3] == expected.split()[:3]
+        assert answer.prompt_tokens == width and answer.text == expected
 
     pool = ModelPool(on_llamacpp)
     try:

@@ -105,7 +105,7 @@ def test_bad_files_and_adapters_are_one_line_user_errors(tmp_path: Path) -> None
     text.write_text("not a model\n")
     with pytest.raises(UserError, match=r"notes\.gguf is not a GGUF file"):
         LlamaCppBackend(config(model=str(text)))
-    with pytest.raises(UserError, match=r"adapter: .*backend: transformers"):
+    with pytest.raises(UserError, match=r"adapter: .* is not a GGUF file; give a LoRA adapter"):
         LlamaCppBackend(config(adapter=str(tmp_path)))
     truncated = tmp_path / "cut.gguf"
     truncated.write_bytes(b"GGUF" + b"\0" * 64)

@@ -21,9 +21,11 @@ from fastapi import FastAPI
 from typer.testing import CliRunner
 
 from persllm.config import Project, load_project
+from persllm.cot import split_inline
 from persllm.interact import api
 from persllm.interact.config import ServeConfig
-from persllm.interact.models import ModelPool
+from persllm.interact.models import ModelPool, resolve_model_id
+from persllm.interact.prompting import label_first_user
 from persllm.interact.serve import create_app
 from tests.fake_openai import FakeOpenAI
 from tests.test_chat_project import build_project, write_project
@@ -68,7 +70,11 @@ class Server:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Project:
     root = tmp_path_factory.mktemp("serve")
-    return load_project(build_project(root, tiny_model_dir, variants=("sft", "dpo"), serve=LIMITS))
+    # jonah was trained with new stage tokens: served on a base of its own beside elsie's plain adapters.
+    project_file = build_project(
+        root, tiny_model_dir, variants=("sft", "dpo"), grown=("jonah",), serve=LIMITS
+    )
+    return load_project(project_file)
 
 
 @pytest.fixture(scope="module")
@@ -267,6 +273,115 @@ def test_malformed_requests_are_4xx_with_openai_errors(server: Server) -> None:
     refusal(post(server, long_prompt), 400, "context_length_exceeded")
     refusal(httpx.get(f"{server.url}/v1/nothing", headers={"Authorization": f"Bearer {KEY}"}), 404)
     refusal(httpx.get(f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}), 405)
+
+
+def test_fields_the_backend_cannot_honour_are_400_naming_the_field(server: Server) -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for body, param in [
+        (hello(tools=[tool]), "tools"),
+        (hello(tool_choice="auto"), "tool_choice"),
+        (hello(logit_bias={"1": 5}), "logit_bias"),
+        (hello(frequency_penalty=0.5), "frequency_penalty"),
+        (hello(response_format={"type": "json_object"}), "response_format"),
+        (hello(response_format={"type": "json_schema", "json_schema": {"schema": {}}}), "response_format"),
+        (hello(response_format={"type": "yaml"}), "response_format"),
+        (hello(logprobs=True, stream=True), "logprobs"),
+        (hello(top_logprobs=2), "top_logprobs"),
+    ]:
+        assert refusal(post(server, body), 400)["param"] == param, body
+    assert (
+        "response_format json_object: this server's backend (transformers)"
+        in (refusal(post(server, hello(response_format={"type": "json_object"})), 400)["message"])
+    )
+    assert refusal(post(server, hello(seed=2**70)), 400)["param"] == "seed"
+    for harmless in (hello(user="u-1"), hello(response_format={"type": "text"}), hello(frequency_penalty=0)):
+        assert post(server, {**harmless, "max_tokens": 2}).status_code == 200
+
+
+def test_logprobs_come_back_for_every_generated_token(client: openai.OpenAI) -> None:
+    messages: Any = [{"role": "user", "content": "Who keeps the light?"}]
+    reply = client.chat.completions.create(
+        model="elsie:keeper:sft",
+        messages=messages,
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    choice = reply.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content
+    content = choice.logprobs.content
+    assert reply.usage is not None and len(content) == reply.usage.completion_tokens
+    assert "".join(item.token for item in content).strip() == (choice.message.content or "").strip()
+    for item in content:
+        assert item.logprob <= 0 and len(item.top_logprobs) == 3
+        assert item.top_logprobs[0].logprob >= item.logprob - 1e-5  # greedy: the chosen token is the top one
+        assert item.top_logprobs[0].token == item.token
+
+
+def test_a_llamacpp_server_honours_json_schemas_and_logprobs_and_serves_adapters_side_by_side(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """base_model.backend: llamacpp on a GGUF base: the personas are LoRA adapter files of one engine that
+    answer as the PEFT adapters do in transformers; response_format and logprobs are honoured."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from persllm.llm import LLMConfig, TransformersBackend
+    from persllm.train.gguf_export import write_gguf
+
+    base = tmp_path / "base.gguf"
+    write_gguf(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        AutoTokenizer.from_pretrained(tiny_model_dir),
+        base,
+        "tiny",
+        "f32",
+    )
+    root = tmp_path / "project"
+    root.mkdir()
+    project = load_project(
+        build_project(root, tiny_model_dir, serve=LIMITS),
+        {"base_model.backend": "llamacpp", "base_model.model": str(base)},
+    )
+    reference = TransformersBackend(
+        LLMConfig(model=str(tiny_model_dir), device="cpu", params={"temperature": 0, "max_tokens": 10})
+    )
+    schema = {"type": "object", "properties": {"lamp": {"type": "boolean"}}, "required": ["lamp"]}
+    with Server(create_app(project, ModelPool(project))) as running:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="none", max_retries=0, timeout=60)
+        for pid in ("elsie", "jonah"):
+            folder = project.run_dir / "models" / pid / "sft"
+            reference.add_adapter(pid, folder)
+            assert (folder.parent / "sft.lora.gguf").exists()
+            reply = client.chat.completions.create(
+                model=f"{pid}:{project.persona(pid).stages[0].id}:sft",
+                messages=[{"role": "user", "content": "Is the sea kind?"}],
+                max_tokens=10,
+                temperature=0,
+                logprobs=True,
+            )
+            ref = resolve_model_id(project, f"{pid}:{project.persona(pid).stages[0].id}:sft")
+            body = {"model": ref.id, "messages": [{"role": "user", "content": "Is the sea kind?"}]}
+            request = api.parse_request(json.dumps(body).encode(), project.config.serve)
+            messages = label_first_user(api.prompt_messages(project, ref, request), "<TIME-I>")
+            (expected,) = reference.generate_batch([messages], {"adapter": pid})
+            assert reply.choices[0].message.content == split_inline(expected.text)[1]
+            assert reply.choices[0].logprobs is not None and reply.choices[0].logprobs.content
+        structured = client.chat.completions.create(
+            model="elsie:keeper:sft",
+            messages=[{"role": "user", "content": "Is the lamp lit? Answer in JSON."}],
+            max_tokens=64,
+            temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": "lamp", "schema": schema}},
+        )
+        content = structured.choices[0].message.content or ""
+        assert isinstance(json.loads(content)["lamp"], bool), repr(content)
+        with pytest.raises(openai.BadRequestError, match="tools"):
+            client.chat.completions.create(
+                model="elsie:keeper:sft",
+                messages=[{"role": "user", "content": "hi"}],
+                tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            )
 
 
 def test_oversized_chunked_body_is_cut_off(server: Server) -> None:

@@ -1,4 +1,4 @@
-"""SFT and DPO on the tiny model: loss, weights, stage tokens, margins, resume, config errors, CLI."""
+"""SFT and DPO on the tiny model: loss, weights, stage labels, margins, resume, config errors, CLI."""
 
 import json
 import shutil
@@ -17,7 +17,6 @@ from persllm.cot import split_inline
 from persllm.errors import UserError
 from persllm.jsonl import write_jsonl
 from persllm.train import common, dpo, sft
-from persllm.train.export import load_trained
 
 SYSTEM = "You are Elsie Wren, lighthouse keeper's daughter of Skerrow Point."
 QUESTIONS = [
@@ -30,7 +29,7 @@ ANSWERS = {
     "<TIME-I>": "<think>\nKeeper years: I tend the lamp.\n</think>\nI keep the light at Skerrow Point.",
     "<TIME-II>": "<think>\nHarbour years: the wall goes up.\n</think>\nI build the new harbour wall.",
 }
-# Both stage rows start at the same mean vector; ~100 steps pull them apart far enough to steer the answer.
+# The base already writes both answers (know_the_answers); 100 LoRA steps teach it which label wants which.
 SFT_TRL = {
     "max_steps": 100,
     "learning_rate": 1e-2,
@@ -62,6 +61,26 @@ def dialogue(label: str, question: str, answer: str | None = None) -> list[dict[
     if answer is not None:
         messages.append({"role": "assistant", "content": answer})
     return messages
+
+
+def know_the_answers(base: Path) -> Path:
+    """Train the tiny base on both answers without labels: it can write them, not choose between them.
+
+    A LoRA adapter leaves the (tied) embeddings alone, so tokens the base never learnt to produce keep
+    near-random output rows, and no adapter could make them likely."""
+    from tests.conftest import TINY_DIALOGUES
+    from tests.tiny import pretrain_tiny_model
+
+    plain = [
+        [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+        ]
+        for question in QUESTIONS
+        for answer in ANSWERS.values()
+    ]
+    return pretrain_tiny_model(base, TINY_DIALOGUES + plain, steps=100)
 
 
 def make_project(root: Path, base_model: Path, sft_trl: dict[str, Any], dpo_trl: dict[str, Any]) -> Path:
@@ -122,7 +141,7 @@ def greedy_answer(model: Any, tokenizer: Any, label: str, question: str) -> str:
 def trained(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Project:
     """One SFT run through the CLI (``persllm train sft``), then one DPO run through ``dpo.run``."""
     root = tmp_path_factory.mktemp("trainproj")
-    base = shutil.copytree(tiny_model_dir, root / "base")
+    base = know_the_answers(shutil.copytree(tiny_model_dir, root / "base"))
     config = make_project(root, base, SFT_TRL, DPO_TRL)
     result = CliRunner().invoke(app, ["train", "sft", str(config), "--persona", "elsie"])
     assert result.exit_code == 0, result.output
@@ -152,31 +171,65 @@ def test_sft_loss_falls_and_outputs_are_written(trained: Project) -> None:
     assert manifest["stages"]["train_sft"]["personas"]["elsie"]["steps"] == 100
 
 
-def test_sft_changes_adapter_and_new_token_rows(trained: Project, tiny_model_dir: Path) -> None:
+def test_sft_writes_a_plain_lora_adapter(trained: Project) -> None:
     from safetensors.torch import load_file
 
     weights = load_file(str(sft_dir(trained) / "adapter_model.safetensors"))
     lora_b = [tensor for name, tensor in weights.items() if "lora_B" in name]
     assert lora_b and all(tensor.abs().sum() > 0 for tensor in lora_b)  # LoRA B starts at zero
-    embeddings = [tensor for name, tensor in weights.items() if "embed_tokens" in name]
-    assert len(embeddings) == 1  # tied embeddings stay tied: one trained matrix
+    assert all("lora_A" in name or "lora_B" in name for name in weights)  # no embedding copies
+    config = json.loads((sft_dir(trained) / "adapter_config.json").read_text())
+    assert not config.get("modules_to_save") and config["peft_type"] == "LORA"
     info = json.loads((sft_dir(trained) / "training.json").read_text())
-    first, second = info["stage_tokens"]["<TIME-I>"], info["stage_tokens"]["<TIME-II>"]
-    # Both rows started at the same mean vector; training pulled them apart.
-    assert not torch.allclose(embeddings[0][first], embeddings[0][second])
+    assert info["label_kind"] == "text" and info["added_token_ids"] == [] and info["stage_tokens"] == {}
+    assert info["stage_labels"] == {"keeper": "<TIME-I>", "engineer": "<TIME-II>"}
 
 
-def test_sft_model_answers_by_stage_token(trained: Project, tiny_model_dir: Path) -> None:
-    from transformers import AutoTokenizer
+def test_sft_adapter_loads_with_plain_peft_and_answers_by_stage_label(
+    trained: Project, tiny_model_dir: Path
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(sft_dir(trained)))
-    for label in ANSWERS:
-        assert len(tokenizer(label, add_special_tokens=False)["input_ids"]) == 1
-    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(str(tiny_model_dir)).chat_template
-    model, tokenizer = load_trained(trained, "elsie", "sft")
+    folder = sft_dir(trained)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    base_tokenizer = AutoTokenizer.from_pretrained(str(trained.config.base_model.model))
+    assert len(tokenizer) == len(base_tokenizer)  # the labels are text the base already has
+    assert tokenizer.chat_template == base_tokenizer.chat_template
+    config = json.loads((folder / "adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
+    model = PeftModel.from_pretrained(base, str(folder)).eval()
     for label, answer in ANSWERS.items():
         _, response = split_inline(greedy_answer(model, tokenizer, label, QUESTIONS[0]))
         assert response == split_inline(answer)[1]
+
+
+def test_sft_folder_has_a_model_card(trained: Project) -> None:
+    card = (sft_dir(trained) / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == trained.config.base_model.model and front["library_name"] == "peft"
+    assert "| keeper | `<TIME-I>` | You are Elsie Wren" in card
+    assert "24 training dialogues, 2 test dialogues" in card
+    assert "PeftModel.from_pretrained" in card and "--enable-lora" in card and "--gguf DIR" in card
+    assert "Not evaluated yet" in card
+
+
+def test_new_tokens_kind_trains_the_label_rows(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    trl = {**SFT_TRL, "max_steps": 20, "logging_steps": 20}
+    project = load_project(make_project(tmp_path, base, trl, DPO_TRL), {"stage_labels.kind": "new_tokens"})
+    info = sft.run(project, "elsie")
+    folder = sft_dir(project)
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    embeddings = [tensor for name, tensor in weights.items() if "embed_tokens" in name]
+    assert len(embeddings) == 1  # tied embeddings stay tied: one trained matrix
+    first, second = info["stage_tokens"]["<TIME-I>"], info["stage_tokens"]["<TIME-II>"]
+    assert info["added_token_ids"] == [first, second] and info["label_kind"] == "new_tokens"
+    # Both rows started at the same mean vector; training pulled them apart.
+    assert not torch.allclose(embeddings[0][first], embeddings[0][second])
+    assert "cannot load it; merge it instead" in (folder / "README.md").read_text()
 
 
 # --------------------------------------------------------------------------- DPO

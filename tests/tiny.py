@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 # ChatML with {% generation %} markers so TRL's assistant_only_loss works.
 CHAT_TEMPLATE = (
@@ -59,11 +59,16 @@ def train_tokenizer(texts: list[str], vocab_size: int = 400) -> PreTrainedTokeni
     return fast
 
 
-def build_tiny_model(path: Path, texts: list[str] | None = None, seed: int = 0) -> Path:
-    """Write a tiny randomly initialised Llama and its tokenizer to ``path``."""
+def build_tiny_model(
+    path: Path, texts: list[str] | None = None, seed: int = 0, architecture: str = "llama"
+) -> Path:
+    """Write a tiny randomly initialised Llama (or, ``architecture="qwen2"``, Qwen2) and its tokenizer."""
     torch.manual_seed(seed)
     tokenizer = train_tokenizer((texts or []) + SAMPLE_TEXT * 4)
-    config = LlamaConfig(
+    config_class, model_class = (
+        (Qwen2Config, Qwen2ForCausalLM) if architecture == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    )
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -76,7 +81,7 @@ def build_tiny_model(path: Path, texts: list[str] | None = None, seed: int = 0) 
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     path.mkdir(parents=True, exist_ok=True)

@@ -9,16 +9,17 @@ import glob
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator
 
 from persllm.annotate.config import AnnotateConfig
 from persllm.curate.config import CurateConfig
 from persllm.errors import UserError
 from persllm.evaluate.config import EvalConfig
 from persllm.interact.config import ConverseConfig, ServeConfig
+from persllm.labels import default_label, reserved_labels
 from persllm.llm.config import LLMConfig
 from persllm.pairs.config import PairsConfig
 from persllm.schema import Section
@@ -26,14 +27,7 @@ from persllm.train.config import DPOConfig, SFTConfig
 
 M = TypeVar("M", bound="Section")
 
-ROMAN = ["I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X", "XI", "XII"]
 TRAITS = ("O", "C", "E", "A", "N")
-
-
-def default_label(index: int) -> str:
-    """The stage label token of the stage at ``index`` (0-based): <TIME-I>, <TIME-II>, ..."""
-    numeral = ROMAN[index] if index < len(ROMAN) else str(index + 1)
-    return f"<TIME-{numeral}>"
 
 
 # --------------------------------------------------------------------------- persona file
@@ -45,7 +39,9 @@ class StageConfig(Section):
         description="Time phrase the model is told, e.g. 'It is 1858, in Springfield, Illinois.'"
     )
     label: str | None = Field(
-        None, description="Stage label token; default <TIME-I>, <TIME-II>, ... in order."
+        None,
+        description="Stage label put before the first user turn; default <TIME-I>, <TIME-II>, ... in "
+        "order (plain text; with stage_labels.kind: reserved, the base's reserved tokens).",
     )
     knowledge: list[str] = Field(
         default_factory=list,
@@ -56,6 +52,7 @@ class StageConfig(Section):
         description="Globs of the person's own words (speeches, letters), relative to this file.",
     )
     inherits: bool = Field(False, description="Also retrieve from all earlier stages' material.")
+    _label_given: bool = PrivateAttr(False)
 
     @field_validator("id")
     @classmethod
@@ -102,11 +99,12 @@ class PersonaConfig(Section):
             if stage.id in seen:
                 raise ValueError(f"stage id {stage.id!r} appears twice; give each stage its own id")
             seen.add(stage.id)
+            stage._label_given = stage.label is not None
             if stage.label is None:
                 stage.label = default_label(index)
         labels = [stage.label for stage in stages]
         if len(set(labels)) != len(labels):
-            raise ValueError("two stages share a label token; give each stage its own `label`")
+            raise ValueError("two stages share a label; give each stage its own `label`")
         return stages
 
     def stage(self, stage_id: str) -> StageConfig:
@@ -164,6 +162,17 @@ class RetrievalConfig(Section):
     style_words: int = Field(500, ge=0, description="Word budget of the style context.")
 
 
+class StageLabelConfig(Section):
+    kind: Literal["text", "reserved", "new_tokens"] = Field(
+        "text",
+        description="How the stage label is written: text = plain text the base tokenizer already has "
+        "(plain LoRA adapters that vLLM, llama.cpp and one shared base serve); reserved = one of the base "
+        "vocabulary's unused special tokens (Llama 3, Gemma, ...); new_tokens = new special tokens whose "
+        "embedding rows are trained (the adapter carries both embedding matrices; vLLM and llama.cpp "
+        "LoRA refuse it, and it runs on a base model of its own).",
+    )
+
+
 class ProjectConfig(Section):
     project: str = Field(description="Project name; the run folder defaults to runs/<project>.", min_length=1)
     run_dir: str | None = Field(
@@ -187,6 +196,9 @@ class ProjectConfig(Section):
     curate: CurateConfig = Field(default_factory=CurateConfig, description="Filters, split and data mixing.")
     pairs: PairsConfig = Field(default_factory=PairsConfig, description="Automated preference pairs.")
     base_model: LLMConfig = Field(default_factory=LLMConfig, description="The model to personify.")
+    stage_labels: StageLabelConfig = Field(
+        default_factory=StageLabelConfig, description="How a stage is marked in the first user turn."
+    )
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Supervised fine-tuning.")
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="Direct preference optimisation.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation against baselines.")
@@ -292,9 +304,19 @@ def load_project(
                     f"{persona_paths[persona.id]}; give each persona its own id"
                 )
             check_stage_files(persona, persona_path)
+            if config.stage_labels.kind == "reserved":
+                use_reserved_labels(persona, persona_path, config.base_model.model)
             personas[persona.id] = persona
             persona_paths[persona.id] = persona_path
     return Project(config=config, config_path=config_path, personas=personas, persona_paths=persona_paths)
+
+
+def use_reserved_labels(persona: PersonaConfig, persona_path: Path, model: str) -> None:
+    """Give each stage without its own label one of the base model's reserved tokens."""
+    given = [stage.label if stage._label_given else None for stage in persona.stages]
+    labels = reserved_labels(model, given, f"{persona_path}: stages")
+    for stage, label in zip(persona.stages, labels, strict=True):
+        stage.label = label
 
 
 def check_stage_files(persona: PersonaConfig, persona_path: Path) -> None:

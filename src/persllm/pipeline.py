@@ -143,14 +143,14 @@ STAGES = [
     ),
     Stage(
         "sft",
-        ["sft", *TRAINED_BASE, "seed"],
+        ["sft", "stage_labels", *TRAINED_BASE, "seed"],
         ["data/*/sft_*.jsonl"],
         ["models/*/sft", "models/*/checkpoints/sft"],
         _run_sft,
     ),
     Stage(
         "dpo",
-        ["dpo", *TRAINED_BASE, "seed"],
+        ["dpo", "stage_labels", *TRAINED_BASE, "seed"],
         ["data/*/dpo_train.jsonl", "models/*/sft/*.safetensors"],
         ["models/*/dpo", "models/*/checkpoints/dpo"],
         _run_dpo,

@@ -43,14 +43,13 @@ def run_command(
     )
 
 
-HEADLINE_KEYS = ("bleu", "rouge_l", "style_fidelity", "persona_acc", "stage_acc", "anachronism_rate")
 SETS = (("heldout", "held-out real words"), ("overall", "annotator-golden (the paper's setting)"))
 
 
 def headline(eval_dir: Path) -> str:
     """The report path and, per evaluation set, every system's headline metrics with 95% intervals and
     the personified model minus the baseline (``*``: the interval excludes 0)."""
-    from persllm.evaluate.report import fmt_estimate
+    from persllm.evaluate.report import HEADLINE_KEYS, fmt_estimate
 
     metrics_path = eval_dir / "metrics.json"
     if not metrics_path.exists():

@@ -105,7 +105,10 @@ def _main_process() -> bool:
 @app.command("export")
 def export_command(
     config: ConfigArg,
-    persona: Annotated[str, typer.Option("--persona", "-p", help="The persona to export.")],
+    persona: Annotated[
+        list[str] | None,
+        typer.Option("--persona", "-p", help="The persona to export (repeatable; --gguf DIR: default all)."),
+    ] = None,
     merge: Annotated[
         Path | None,
         typer.Option("--merge", help="Output folder for the merged Hugging Face weights (new or empty)."),
@@ -113,10 +116,14 @@ def export_command(
     gguf: Annotated[
         Path | None,
         typer.Option(
-            "--gguf", help="Output NAME.gguf for llama.cpp, with an Ollama NAME.Modelfile beside it."
+            "--gguf",
+            help="Output for llama.cpp and Ollama: a folder DIR (the base once, each persona as a LoRA "
+            "adapter, a Modelfile each) or NAME.gguf (one persona merged into one file).",
         ),
     ] = None,
-    gguf_type: Annotated[str, typer.Option("--gguf-type", help="GGUF weight type: f16 or f32.")] = "f16",
+    gguf_type: Annotated[
+        str, typer.Option("--gguf-type", help="GGUF weight type: f16, f32 or q8_0.")
+    ] = "f16",
     stage: Annotated[
         str | None,
         typer.Option("--stage", help="Stage of the Modelfile's system prompt; default the latest."),
@@ -124,32 +131,92 @@ def export_command(
     model: Annotated[
         str | None, typer.Option("--model", help="sft or dpo; default: dpo when trained, else sft.")
     ] = None,
+    vllm: Annotated[
+        bool,
+        typer.Option(
+            "--vllm",
+            help="Check every persona's adapter against vLLM's LoRA loader and print the serve command.",
+        ),
+    ] = False,
     set_options: SetOption = None,
 ) -> None:
-    """Merge a trained adapter into its base model and save it: Hugging Face weights or one GGUF file.
+    """Export trained personas: merged Hugging Face weights, or GGUF files for llama.cpp and Ollama.
 
-    --merge: a folder that loads with AutoModelForCausalLM.from_pretrained(OUT) alone. --gguf: a file
-    that llama.cpp, Ollama and persllm's llamacpp backend load; both keep the stage tokens and the chat
-    template.
+    --merge FOLDER: one persona merged into weights that load with AutoModelForCausalLM.from_pretrained
+    alone. --gguf DIR: DIR/base.gguf once, and per persona DIR/<persona>-<variant>.lora.gguf (a llama.cpp
+    LoRA adapter; a persona trained with new stage tokens is merged into its own file instead) and an
+    Ollama DIR/<persona>.Modelfile (FROM the base, ADAPTER the persona). --gguf NAME.gguf: one persona
+    merged into one file, with NAME.Modelfile. --vllm: nothing is written; each adapter is checked
+    against vLLM's LoRA rules and the `vllm serve --enable-lora` command for all of them is printed.
 
-    Example: persllm export my-persona/persllm.yaml --persona wren --model dpo --gguf wren-dpo.gguf
+    Example: persllm export my-persona/persllm.yaml --gguf gguf/ --gguf-type q8_0
     """
-    from persllm.train import export
+    from persllm.train import export, gguf_files
 
-    if (merge is None) == (gguf is None):
-        raise UserError("persllm export: give exactly one of --merge FOLDER or --gguf NAME.gguf")
+    if [merge is not None, gguf is not None, vllm].count(True) != 1:
+        raise UserError(
+            "persllm export: give exactly one of --merge FOLDER, --gguf DIR (or NAME.gguf), --vllm"
+        )
     project = load(config, set_options)
+    if vllm:
+        typer.echo(_vllm_command(project, persona, model))
+        return
+    if gguf is not None and gguf.suffix != ".gguf":
+        info = gguf_files.export_dir(project, gguf, persona, variant=model, file_type=gguf_type, stage=stage)
+        if info["base"] is not None:
+            typer.echo(f"base: {info['base']['gguf']} ({info['base']['bytes'] / 2**20:.1f} MiB)")
+        for item in info["personas"]:
+            typer.echo(
+                f"{item['persona']}: {item['variant']} as {item['form']} GGUF {item['file_type']} "
+                f"({item['bytes'] / 2**20:.1f} MiB) -> {item['gguf']}, {item['modelfile']}"
+            )
+        return
+    if not persona or len(persona) != 1:
+        raise UserError("persllm export: --merge and --gguf NAME.gguf take exactly one --persona")
     if gguf is not None:
-        info = export.run_gguf(project, persona, gguf, variant=model, file_type=gguf_type, stage=stage)
-        tokens = ", ".join(f"{label}={token_id}" for label, token_id in info["stage_tokens"].items())
+        info = gguf_files.export_merged(
+            project, persona[0], gguf, variant=model, file_type=gguf_type, stage=stage
+        )
         size = info["bytes"] / 2**20
         typer.echo(
-            f"{info['persona']}: {info['variant']} as GGUF {info['file_type']} ({size:.0f} MiB; {tokens})"
+            f"{info['persona']}: {info['variant']} as GGUF {info['file_type']} ({size:.0f} MiB"
+            f"{_tokens(info['stage_tokens'])})"
         )
         typer.echo(f"saved to {info['gguf']} and {info['modelfile']}")
         return
     assert merge is not None
-    info = export.run(project, persona, merge, variant=model)
-    tokens = ", ".join(f"{label}={token_id}" for label, token_id in info["stage_tokens"].items())
-    typer.echo(f"{info['persona']}: {info['variant']} merged ({info['parameters']:,} parameters; {tokens})")
+    info = export.run(project, persona[0], merge, variant=model)
+    typer.echo(
+        f"{info['persona']}: {info['variant']} merged ({info['parameters']:,} parameters"
+        f"{_tokens(info['stage_tokens'])})"
+    )
     typer.echo(f"saved to {info['output']}")
+
+
+def _vllm_command(project: Any, personas: list[str] | None, variant: str | None) -> str:
+    """The ``vllm serve`` command for the personas' adapters; a UserError naming what vLLM would refuse."""
+    from persllm.train import common, export
+    from persllm.train.card import portable_base
+    from persllm.train.vllm_check import max_lora_rank, vllm_problems
+
+    modules, rank = [], 8
+    for persona_id in personas or list(project.personas):
+        chosen = variant or export.pick_variant(project, project.persona(persona_id).id)
+        folder, _ = common.model_dirs(project, persona_id, chosen)
+        problems = vllm_problems(folder) if common.is_adapter(folder) else ["not a LoRA adapter folder"]
+        if problems:
+            raise UserError(
+                f"{folder}: vLLM would refuse this adapter ({problems[0]}); train with stage_labels.kind: "
+                "text (the default), or serve merged weights: persllm export --merge"
+            )
+        modules.append(f"{persona_id}-{chosen}={folder}")
+        rank = max(rank, max_lora_rank(folder))
+    base = portable_base(project.config.base_model.model)
+    return f"vllm serve {base} --enable-lora --max-lora-rank {rank} --lora-modules {' '.join(modules)}"
+
+
+def _tokens(stage_tokens: dict[str, int]) -> str:
+    """``; <TIME-I>=401, ...`` for labels that are single tokens; nothing for text labels."""
+    if not stage_tokens:
+        return ""
+    return "; " + ", ".join(f"{label}={token_id}" for label, token_id in stage_tokens.items())

@@ -48,6 +48,7 @@ def run(
     from persllm.jsonl import write_jsonl
     from persllm.llm.cache import open_cache
     from persllm.manifest import record_stage
+    from persllm.train import card
 
     cfg = project.config.eval
     started = time.monotonic()
@@ -176,6 +177,10 @@ def run(
     write_jsonl(out / "robustness.jsonl", probe_records)
     report.write_json(out / "metrics.json", result)
     report.write_report(out, result, rows)
+    for system in planned:
+        if system.mode == "trained":
+            for persona_id, folder in system.adapters.items():
+                card.write_evaluation(folder, card.evaluation_lines(result, system.name, persona_id))
     record_stage(
         project,
         "eval",

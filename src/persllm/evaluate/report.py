@@ -85,6 +85,10 @@ def metric_table(systems: dict[str, Any], names: list[str]) -> Block:
     return ("table", ["system", *shown], rows)
 
 
+# The metrics every summary leads with: the run summary, the report's headline and each model card.
+HEADLINE_KEYS = ("bleu", "rouge_l", "style_fidelity", "persona_acc", "stage_acc", "anachronism_rate")
+
+
 def fmt_estimate(estimate: dict[str, Any] | None, signed: bool = False) -> str:
     """``0.412 [0.380, 0.445]`` from an interval dict; ``-`` for none."""
     if not estimate or estimate.get("value") is None:

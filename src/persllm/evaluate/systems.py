@@ -210,15 +210,24 @@ def plan_systems(project: Project, names: list[str]) -> tuple[list[System], dict
     return planned, skipped
 
 
-def generation_llm(project: Project, system: System, persona: str) -> LLMConfig:
-    """The model that answers for ``system`` and ``persona``. With ``base_model.backend: llamacpp`` a
-    trained persona is its merged GGUF file and a Hugging Face base model its GGUF export."""
-    if system.llm.backend != "llamacpp" or system.name not in BUILTIN:
-        return system.llm
-    from persllm.train.export import generation_gguf
+def generation_target(project: Project, system: System, persona: str) -> tuple[LLMConfig, str | None]:
+    """(the model that answers for ``system`` and ``persona``, the adapter it switches on, if any).
 
-    folder = system.adapters.get(persona) if system.mode == "trained" else None
-    return system.llm.model_copy(update={"model": str(generation_gguf(project, persona, folder))})
+    A trained persona is its adapter on the shared base model. With ``base_model.backend: llamacpp`` the
+    base is a GGUF file and the adapter a GGUF LoRA file (exported on first use); a persona that cannot be
+    an adapter of the base (trained with new stage tokens) is a merged GGUF model of its own.
+    """
+    trained = system.adapters.get(persona) if system.mode == "trained" else None
+    if system.llm.backend != "llamacpp" or system.name not in BUILTIN:
+        return system.llm, str(trained) if trained is not None else None
+    from persllm.train.gguf_files import generation_adapter, generation_base
+
+    if trained is None:
+        return system.llm.model_copy(update={"model": str(generation_base(project))}), None
+    made, is_adapter = generation_adapter(project, persona, trained)
+    if not is_adapter:
+        return system.llm.model_copy(update={"model": str(made)}), None
+    return system.llm.model_copy(update={"model": str(generation_base(project))}), str(made)
 
 
 def adapter_name(persona: str, system: System) -> str:
@@ -311,22 +320,25 @@ async def _generate(
 ) -> list[Completion]:
     from persllm.llm import make_backend
 
-    # Every adapter is registered before the first generation (added stage tokens resize the base).
+    # Every adapter is registered before the first generation (a llama.cpp engine loads them at start).
     groups: dict[tuple[str, str, int], list[int]] = defaultdict(list)
-    llms: dict[tuple[str, str], LLMConfig] = {}
+    targets: dict[tuple[str, str], tuple[LLMConfig, str | None]] = {}
     for index, request in enumerate(requests):
         where = (request.system.name, request.persona)
-        if where not in llms:
-            llms[where] = generation_llm(project, request.system, request.persona)
-        model_key = llms[where].model_dump_json(exclude={"adapter", "params"})
+        if where not in targets:
+            targets[where] = generation_target(project, request.system, request.persona)
+        llm, adapter_path = targets[where]
+        model_key = llm.model_dump_json(exclude={"adapter", "params"})
         if model_key not in backends:
-            backends[model_key] = make_backend(llms[where], cache)
+            backends[model_key] = make_backend(llm, cache)
         adapter = ""
-        if request.system.mode == "trained" and llms[where].backend == "transformers":
+        if adapter_path is not None and llm.backend in ("transformers", "llamacpp"):
             adapter = adapter_name(request.persona, request.system)
             backend = backends[model_key]
-            if hasattr(backend, "add_adapter") and adapter not in getattr(backend, "adapters", ()):
-                backend.add_adapter(adapter, str(request.system.adapters[request.persona]))
+            if adapter not in backend.adapters:
+                backend.add_adapter(adapter, adapter_path)
+        elif request.system.mode == "trained" and llm.backend == "openai":
+            adapter = adapter_name(request.persona, request.system)
         groups[(model_key, adapter, request.sample)].append(index)
 
     results: list[Completion | None] = [None] * len(requests)

@@ -55,7 +55,9 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    """The fields persllm reads; any other OpenAI field is accepted and ignored.
+    """The fields persllm honours. Any other field is refused (``unsupported``) rather than ignored, as
+    OpenAI refuses an unrecognised argument: a client that asks for tools or penalties must not get a 200
+    that quietly did without them.
 
     ``show_analysis`` (persllm's own field) returns the model's analysis as ``reasoning_content``.
     """
@@ -68,11 +70,75 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=1)
     stream_options: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     show_analysis: bool = False
+
+
+# OpenAI fields that do not change the reply: accepted and not used.
+NO_EFFECT = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier")
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+def unsupported(request: ChatRequest, backend: Any) -> ApiError | None:
+    """The 400 for the first request field this server (with ``backend``) cannot honour, or None.
+
+    ``backend`` says what it can do through ``supports_json_schema`` (grammar-constrained JSON) and
+    ``supports_logprobs``.
+    """
+    for name in request.model_extra or {}:
+        if name not in NO_EFFECT:
+            return ApiError(
+                400,
+                f"{name}: this server does not support this parameter; remove it",
+                name,
+                "unsupported_parameter",
+            )
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(request, name):
+            return ApiError(
+                400,
+                f"{name}: this server does not apply penalties; send 0 or leave it out",
+                name,
+                "unsupported_parameter",
+            )
+    kind = (request.response_format or {}).get("type", "text")
+    if kind not in RESPONSE_FORMATS:
+        return ApiError(
+            400, f"response_format.type {kind!r}: use one of {', '.join(RESPONSE_FORMATS)}", "response_format"
+        )
+    if kind == "json_schema" and not isinstance((request.response_format or {}).get("json_schema"), dict):
+        return ApiError(400, "response_format.json_schema: give the schema object", "response_format")
+    if kind != "text" and not getattr(backend, "supports_json_schema", False):
+        return ApiError(
+            400,
+            f"response_format {kind}: this server's backend ({getattr(backend, 'name', '?')}) has no "
+            "constrained decoding; run it with base_model.backend: llamacpp",
+            "response_format",
+            "unsupported_parameter",
+        )
+    if request.logprobs or request.top_logprobs:
+        if not request.logprobs:
+            return ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        if not getattr(backend, "supports_logprobs", False):
+            return ApiError(
+                400,
+                f"logprobs: this server's backend ({getattr(backend, 'name', '?')}) cannot return them",
+                "logprobs",
+                "unsupported_parameter",
+            )
+        if request.stream:
+            return ApiError(
+                400, "logprobs: not available with stream: true; ask without streaming", "logprobs"
+            )
+    return None
 
 
 def parse_request(raw: bytes, cfg: ServeConfig) -> ChatRequest:
@@ -113,12 +179,16 @@ def sampling(request: ChatRequest, defaults: dict[str, Any]) -> dict[str, Any]:
     """Backend params: the server's defaults, then what the request set."""
     params = dict(defaults)
     limit = request.max_completion_tokens or request.max_tokens
+    kind = (request.response_format or {}).get("type", "text")
     given = {
         "max_tokens": limit,
         "temperature": request.temperature,
         "top_p": request.top_p,
         "seed": request.seed,
         "stop": request.stop,
+        "response_format": request.response_format if kind != "text" else None,
+        "logprobs": True if request.logprobs else None,
+        "top_logprobs": request.top_logprobs if request.logprobs else None,
     }
     params.update({key: value for key, value in given.items() if value is not None})
     return params
@@ -154,17 +224,30 @@ def new_id() -> str:
 
 
 def completion_body(
-    cid: str, model: str, analysis: str, response: str, finish: str, usage: dict[str, int], show: bool
+    cid: str,
+    model: str,
+    analysis: str,
+    response: str,
+    finish: str,
+    usage: dict[str, int],
+    show: bool,
+    logprobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": response}
     if show:
         message["reasoning_content"] = analysis
+    choice = {
+        "index": 0,
+        "message": message,
+        "finish_reason": finish,
+        "logprobs": {"content": logprobs} if logprobs is not None else None,
+    }
     return {
         "id": cid,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+        "choices": [choice],
         "usage": usage,
     }
 

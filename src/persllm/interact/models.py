@@ -2,10 +2,10 @@
 
 A model id is ``persona:stage:variant`` (``elsie:keeper:dpo``) or ``base``. Variants: ``sft`` and ``dpo``
 (trained folders under ``models/<persona>/``), ``prompt`` (the base model told who it is, no adapter)
-and, for chat, any adapter folder. With ``base_model.backend: transformers`` every persona adapter is
-loaded once into the same base model and selected per call, so serving ten personas costs one model's
-memory. With ``llamacpp`` each trained model runs as its merged GGUF file (exported on first use), an
-engine of its own.
+and, for chat, any adapter folder. Every persona adapter is loaded once into the same base model and
+selected per call, so serving ten personas costs one model's memory: PEFT adapters on the transformers
+base, GGUF LoRA files (exported on first use) on one llama.cpp engine. A persona that cannot be an
+adapter of the base (trained with new stage tokens, or full weights) runs on a model of its own.
 """
 
 import threading
@@ -188,8 +188,8 @@ class ModelPool:
     def speakers(self, refs: list[ModelRef]) -> list[Speaker]:
         """The speakers of ``refs``, every model loaded.
 
-        All adapters are registered before the base model loads: an adapter trained with added tokens
-        (the stage labels) makes the base resize its embeddings, which must happen before generating.
+        All adapters are registered before anything loads: a llama.cpp engine loads its adapters when
+        it starts.
         """
         speakers = [self._speaker(ref) for ref in refs]
         for speaker in speakers:
@@ -204,32 +204,46 @@ class ModelPool:
 
     def _speaker(self, ref: ModelRef) -> Speaker:
         if ref.path is None:
-            return Speaker(self.base(), fixed={"adapter": BASE} if self.cfg.backend == "transformers" else {})
+            return Speaker(self.base(), fixed={"adapter": BASE} if self.cfg.backend in LOCAL else {})
         persona = self.project.persona(ref.persona) if ref.persona else None
         label = persona.stage(ref.stage).label if persona is not None and ref.stage else None
         style = ref.system_style
-        if self.cfg.backend == "llamacpp" or not (ref.path / "adapter_config.json").exists():
-            tokenizer = self._tokenizer(ref.path)
+        tokenizer = self._tokenizer(ref.path)
+        adapter = self._adapter_file(ref)
+        if adapter is None:
             backend = self._full_model(ref)
             return Speaker(backend, label=label, own_tokenizer=tokenizer, system_style=style)
-        fixed = {"adapter": self.adapter(ref)}
-        tokenizer = self._tokenizer(ref.path)
+        fixed = {"adapter": self.adapter(ref, adapter)}
         return Speaker(self.base(), label=label, fixed=fixed, own_tokenizer=tokenizer, system_style=style)
 
-    def adapter(self, ref: ModelRef) -> str:
+    def _adapter_file(self, ref: ModelRef) -> Path | None:
+        """What the shared base switches on for ``ref``: its PEFT folder (transformers) or its GGUF LoRA
+        file (llamacpp); None when ``ref`` needs a model of its own."""
+        assert ref.path is not None
+        if not (ref.path / "adapter_config.json").exists():
+            return None
+        if self.cfg.backend != "llamacpp":
+            return ref.path
+        from persllm.train.gguf_files import generation_adapter
+
+        assert ref.persona is not None
+        made, is_adapter = generation_adapter(self.project, ref.persona, ref.path)
+        return made if is_adapter else None
+
+    def adapter(self, ref: ModelRef, source: Path | None = None) -> str:
         """The adapter name of ``ref`` in the base model, loading the adapter the first time."""
         assert ref.path is not None
-        if self.cfg.backend != "transformers":
+        if self.cfg.backend not in LOCAL:
             raise UserError(
-                "base_model.backend: trained adapters are served by the 'transformers' backend; set it, "
-                "or serve them with vLLM --enable-lora and point an 'openai' agent at it"
+                "base_model.backend: trained adapters are served by the 'transformers' or 'llamacpp' "
+                "backend; set one, or serve them with vLLM --enable-lora and point an 'openai' agent at it"
             )
         base = self.base()
         with self._lock:
             if ref.path not in self._adapters:
                 stem = f"{ref.persona}_{ref.variant}" if ref.variant in TRAINED else "path"
                 name = f"{stem}_{stable_hash(str(ref.path), 8)}"
-                base.add_adapter(name, str(ref.path))
+                base.add_adapter(name, str(source or ref.path))
                 self._adapters[ref.path] = name
             return self._adapters[ref.path]
 
@@ -252,11 +266,15 @@ class ModelPool:
             return self._full[ref.path]
 
     def _generation_cfg(self, persona: str | None, folder: Path | None) -> LLMConfig:
-        """The base model config pointed at what generates: a trained folder, or its GGUF export."""
+        """The base model config pointed at what generates: the base, a trained folder, or a GGUF file."""
         if self.cfg.backend == "llamacpp":
-            from persllm.train.export import generation_gguf
+            from persllm.train.gguf_files import generation_adapter, generation_base
 
-            return self.cfg.model_copy(update={"model": str(generation_gguf(self.project, persona, folder))})
+            if folder is None or persona is None:
+                return self.cfg.model_copy(update={"model": str(generation_base(self.project))})
+            return self.cfg.model_copy(
+                update={"model": str(generation_adapter(self.project, persona, folder)[0])}
+            )
         if folder is None:
             return self.cfg
         return self.cfg.model_copy(update={"model": str(folder), "adapter": None})

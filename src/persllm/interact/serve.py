@@ -135,6 +135,9 @@ def create_app(
         req = api.parse_request(body, cfg)
         ref = _resolve(project, req.model)
         speaker = await asyncio.to_thread(pool.speaker, ref)
+        refusal = api.unsupported(req, getattr(speaker.backend, "inner", speaker.backend))
+        if refusal is not None:
+            raise refusal
         knowledge, style = "", ""
         if retrieve is not None and ref.persona and ref.stage:
             query = next((m.text() for m in reversed(req.messages) if m.role == "user"), "")
@@ -154,8 +157,9 @@ def create_app(
         usage = api.usage(
             prompt_tokens, completion.completion_tokens or _count_text(speaker, completion.text)
         )
+        logprobs = completion.extra.get("logprobs") if req.logprobs else None
         body_out = api.completion_body(
-            api.new_id(), req.model, analysis, response, completion.finish_reason, usage, show
+            api.new_id(), req.model, analysis, response, completion.finish_reason, usage, show, logprobs
         )
         return JSONResponse(body_out)
 

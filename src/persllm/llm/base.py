@@ -11,7 +11,16 @@ Message = dict[str, str]
 T = TypeVar("T")
 
 # Params that change what the model writes; everything else (timeouts, tags) never reaches the cache key.
-OUTPUT_PARAMS = ("temperature", "top_p", "max_tokens", "seed", "stop", "response_format")
+OUTPUT_PARAMS = (
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "seed",
+    "stop",
+    "response_format",
+    "logprobs",
+    "top_logprobs",
+)
 
 
 class LLMError(UserError):
@@ -58,6 +67,24 @@ class ChatBackend(Protocol):
     def stream(self, messages: list[Message], params: dict[str, Any]) -> AsyncIterator[str]: ...
 
     async def aclose(self) -> None: ...
+
+
+# Adapter names every local backend understands: "base" switches adapters off; "default" is cfg.adapter.
+BASE_ADAPTER = "base"
+DEFAULT_ADAPTER = "default"
+
+
+def pick_adapter(params: dict[str, Any], loaded: list[str]) -> str | None:
+    """The adapter a call uses among ``loaded``: its ``adapter`` param, else the default one, else none."""
+    name = params.get("adapter")
+    if name is None:
+        return DEFAULT_ADAPTER if DEFAULT_ADAPTER in loaded else None
+    if name == BASE_ADAPTER:
+        return None
+    if name not in loaded:
+        known = ", ".join([BASE_ADAPTER, *sorted(loaded)])
+        raise UserError(f"adapter {name!r} is not loaded; use one of: {known} (or add_adapter it first)")
+    return str(name)
 
 
 def merge_params(defaults: dict[str, Any], params: dict[str, Any] | None) -> dict[str, Any]:

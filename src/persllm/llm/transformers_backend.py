@@ -4,10 +4,13 @@ Concurrent ``generate()`` calls are gathered into left-padded batches of up to `
 (one batch per identical sampling params and adapter) and run by ``model.generate`` in a worker
 thread, one batch at a time. LoRA adapters: ``cfg.adapter`` is the default one; ``add_adapter(name,
 path)`` loads more onto the same base, chosen per call with ``params["adapter"]`` (``"base"``: none).
+An adapter that saves whole modules (``modules_to_save``: the embeddings of new stage tokens) is never
+pooled: PEFT does not switch saved, tied modules per adapter, so it gets a base model of its own.
 torch and transformers are imported on first use, so importing this module stays cheap.
 """
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -17,13 +20,21 @@ from typing import Any
 
 from persllm.errors import UserError
 from persllm.hashing import canonical_json, file_hash, stable_hash
-from persllm.llm.base import Completion, Message, merge_params, stop_list
+from persllm.llm.base import (
+    BASE_ADAPTER,
+    DEFAULT_ADAPTER,
+    Completion,
+    Message,
+    merge_params,
+    pick_adapter,
+    stop_list,
+)
 from persllm.llm.bundled import resolve_model
 from persllm.llm.config import LLMConfig
 
-BASE = "base"
-DEFAULT = "default"
-NOT_SAMPLING = ("n_sample", "tag", "adapter", "response_format")
+BASE = BASE_ADAPTER
+DEFAULT = DEFAULT_ADAPTER
+NOT_SAMPLING = ("n_sample", "tag", "adapter", "response_format")  # logprobs rows are a batch of their own
 END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>")
 
 
@@ -49,6 +60,7 @@ class TransformersBackend:
 
     name = "transformers"
     supports_json_schema = False
+    supports_logprobs = True
 
     def __init__(self, cfg: LLMConfig) -> None:
         self.cfg = cfg
@@ -60,6 +72,7 @@ class TransformersBackend:
         self._loaded: set[str] = set()
         self._tokenizers: dict[str, Any] = {}
         self._fingerprints: dict[str, str] = {}
+        self._isolated: dict[str, TransformersBackend] = {}  # adapters on a base model of their own
         self._run_lock = threading.Lock()  # one model.generate at a time (adapter switching is global)
         self._load_lock = threading.Lock()
         self._batcher: _Batcher | None = None
@@ -74,17 +87,26 @@ class TransformersBackend:
             if self.model is None:
                 self._load_base()
             for name, path in self._adapters.items():
-                if name not in self._loaded:
+                if name in self._isolated:
+                    self._isolated[name].load()
+                elif name not in self._loaded:
                     self._load_adapter(name, path)
 
     def add_adapter(self, name: str, path: str | Path) -> None:
         """Register a LoRA adapter folder under ``name``; select it per call with ``params["adapter"]``."""
         if name == BASE:
             raise UserError(f"adapter name {BASE!r} is reserved (it means: no adapter); pick another name")
+        folder = check_adapter(str(path), f"adapter {name!r}")
         with self._load_lock:
-            self._adapters[name] = check_adapter(str(path), f"adapter {name!r}")
+            self._adapters[name] = folder
             self._loaded.discard(name)
-            self._fingerprints.pop(str(path), None)
+            self._fingerprints.pop(folder, None)
+            previous = self._isolated.pop(name, None)
+            default = self._adapters.get(DEFAULT)
+            if saves_modules(folder) or (default is not None and saves_modules(default)):
+                self._isolated[name] = TransformersBackend(self.cfg.model_copy(update={"adapter": folder}))
+        if previous is not None:
+            previous.release()
         if self.model is not None:
             self.load()
 
@@ -108,10 +130,11 @@ class TransformersBackend:
                 "folder, a .gguf file, a hub id already downloaded, or bundled:smollm2"
             ) from None
         prepare_tokenizer(tokenizer)
-        # An adapter trained with added tokens (the stage labels) ships its own, larger tokenizer.
-        sizes = [len(self._adapter_tokenizer(path) or tokenizer) for path in self._adapters.values()]
-        if max(sizes, default=0) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(max(sizes), mean_resizing=False)  # the adapter brings the rows
+        # A default adapter trained with new tokens ships its own, larger tokenizer and brings the rows.
+        default = self._adapters.get(DEFAULT)
+        size = len(self._adapter_tokenizer(default) or tokenizer) if default and saves_modules(default) else 0
+        if size > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(size, mean_resizing=False)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -132,14 +155,21 @@ class TransformersBackend:
         vocab = self.model.get_input_embeddings().weight.shape[0]
         if tokenizer is not None and len(tokenizer) > vocab:
             raise UserError(
-                f"adapter {name!r} ({path}): its tokenizer has {len(tokenizer)} tokens but the loaded base "
-                f"has {vocab}; register adapters with added tokens before the first generation"
+                f"adapter {name!r} ({path}): its tokenizer has {len(tokenizer)} tokens but the base model "
+                f"{self.cfg.model} has {vocab}; load it with the base model it was trained on"
             )
         with self._run_lock:
-            if isinstance(self.model, PeftModel):
-                self.model.load_adapter(path, adapter_name=name)
-            else:
-                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            try:
+                if isinstance(self.model, PeftModel):
+                    self.model.load_adapter(path, adapter_name=name)
+                else:
+                    self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            except (RuntimeError, ValueError, KeyError) as exc:
+                first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+                raise UserError(
+                    f"adapter {name!r} ({path}): does not fit the base model {self.cfg.model} ({first}); "
+                    "load it with the base model it was trained on"
+                ) from None
             self.model.eval()
         self._tokenizers[name] = tokenizer or self.tokenizer
         self._loaded.add(name)
@@ -148,15 +178,7 @@ class TransformersBackend:
 
     def adapter_name(self, params: dict[str, Any]) -> str | None:
         """The adapter a call uses: its ``adapter`` param, else the default one, else none."""
-        name = params.get("adapter")
-        if name is None:
-            return DEFAULT if DEFAULT in self._adapters else None
-        if name == BASE:
-            return None
-        if name not in self._adapters:
-            known = ", ".join([BASE, *self.adapters])
-            raise UserError(f"adapter {name!r} is not loaded; use one of: {known} (or add_adapter it first)")
-        return str(name)
+        return pick_adapter(params, list(self._adapters))
 
     def cache_identity(self, params: dict[str, Any]) -> dict[str, Any]:
         """The weights a call would use, so a retrained adapter or model never hits stale cache rows."""
@@ -231,6 +253,8 @@ class TransformersBackend:
     ) -> list[Any]:
         import torch
 
+        if adapter in self._isolated:
+            return self._isolated[adapter]._run_rows(conversations, params, DEFAULT)
         self.load()
         tokenizer = self._tokenizers.get(adapter or "", self.tokenizer)
         prompts = [render_prompt(tokenizer, messages) for messages in conversations]
@@ -238,18 +262,29 @@ class TransformersBackend:
             self.device
         )
         kwargs = generation_kwargs(params, tokenizer)
+        want_logprobs = bool(params.get("logprobs"))
+        if want_logprobs:
+            kwargs.update(output_logits=True, return_dict_in_generate=True)
         with self._run_lock, torch.inference_mode(), self._adapter_context(adapter):
             if params.get("seed") is not None:
                 torch.manual_seed(int(params["seed"]))
             started = time.perf_counter()
             output = self.model.generate(**batch, **kwargs)
             seconds = time.perf_counter() - started
+        sequences = output.sequences if want_logprobs else output
         width = batch["input_ids"].shape[1]
         prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
-        return [
+        rows = [
             decode_row(tokenizer, row[width:].tolist(), params, int(n), seconds, len(conversations))
-            for row, n in zip(output, prompt_tokens, strict=True)
+            for row, n in zip(sequences, prompt_tokens, strict=True)
         ]
+        if want_logprobs:
+            top = int(params.get("top_logprobs") or 0)
+            for index, completion in enumerate(rows):
+                ids = sequences[index, width : width + completion.completion_tokens].tolist()
+                steps = [step[index] for step in output.logits[: len(ids)]]
+                completion.extra["logprobs"] = token_logprobs(tokenizer, ids, steps, top)
+        return rows
 
     def _adapter_context(self, adapter: str | None) -> Any:
         from contextlib import nullcontext
@@ -267,13 +302,81 @@ class TransformersBackend:
 
         merged = merge_params(self.cfg.params, params)
         adapter = self.adapter_name(merged)
+        if adapter in self._isolated:
+            async for piece in self._isolated[adapter].stream(messages, {**merged, "adapter": DEFAULT}):
+                yield piece
+            return
         await asyncio.to_thread(self.load)
         tokenizer = self._tokenizers.get(adapter or "", self.tokenizer)
         async for piece in stream_text(self, tokenizer, messages, merged, adapter):
             yield piece
 
+    # ------------------------------------------------------------------ scoring
+
+    def reply_logits(
+        self, conversations: list[list[Message]], replies: list[str], params: dict[str, Any]
+    ) -> list[Any]:
+        """For each conversation, the logits that predict each token of its ``reply`` (the assistant's
+        next turn): a float32 tensor [reply tokens, vocabulary] per row, on the CPU.
+
+        ``params["adapter"]`` picks the weights as for ``generate``. Rows run in right-padded batches of
+        ``cfg.concurrency``.
+        """
+        import torch
+
+        adapter = self.adapter_name(merge_params(self.cfg.params, params))
+        if adapter in self._isolated:
+            return self._isolated[adapter].reply_logits(conversations, replies, {"adapter": DEFAULT})
+        self.load()
+        tokenizer = self._tokenizers.get(adapter or "", self.tokenizer)
+        rows = [reply_ids(tokenizer, m, r) for m, r in zip(conversations, replies, strict=True)]
+        out: list[Any] = [None] * len(rows)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+        for start in range(0, len(order), self.cfg.concurrency):
+            chunk = order[start : start + self.cfg.concurrency]
+            width = max(len(rows[i][0]) + len(rows[i][1]) for i in chunk)
+            pad = int(tokenizer.pad_token_id or 0)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for j, i in enumerate(chunk):
+                row = rows[i][0] + rows[i][1]
+                ids[j, : len(row)] = torch.tensor(row)
+                mask[j, : len(row)] = 1
+            with self._run_lock, torch.inference_mode(), self._adapter_context(adapter):
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            for j, i in enumerate(chunk):
+                prompt, reply = len(rows[i][0]), len(rows[i][1])
+                out[i] = logits[j, prompt - 1 : prompt + reply - 1].float().cpu()
+        return out
+
+    def reply_logprobs(
+        self, conversations: list[list[Message]], replies: list[str], params: dict[str, Any]
+    ) -> list[list[float]]:
+        """For each conversation, the log-probability of each token of its ``reply`` (``reply_logits``)."""
+        import torch
+
+        adapter = self.adapter_name(merge_params(self.cfg.params, params))
+        if adapter in self._isolated:
+            return self._isolated[adapter].reply_logprobs(conversations, replies, {"adapter": DEFAULT})
+        rows = self.reply_logits(conversations, replies, params)
+        tokenizer = self._tokenizers.get(adapter or "", self.tokenizer)
+        out = []
+        for logits, reply in zip(rows, replies, strict=True):
+            target = torch.tensor(tokenizer(reply, add_special_tokens=False)["input_ids"], dtype=torch.long)
+            picked = torch.log_softmax(logits, dim=-1)[torch.arange(len(target)), target]
+            out.append(picked.tolist())
+        return out
+
+    def release(self) -> None:
+        """Drop the loaded weights (the backend loads again on next use)."""
+        with self._load_lock:
+            for backend in self._isolated.values():
+                backend.release()
+            self.model, self._loaded = None, set()
+
     async def aclose(self) -> None:
-        return None
+        for backend in self._isolated.values():
+            await backend.aclose()
 
 
 def _group_key(pending: _Pending) -> str:
@@ -284,9 +387,47 @@ def _group_key(pending: _Pending) -> str:
 # ---------------------------------------------------------------------- plain helpers
 
 
+def reply_ids(tokenizer: Any, messages: list[Message], reply: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, reply ids): the chat-templated prompt up to the assistant turn, then ``reply``."""
+    prompt = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    return list(prompt), list(tokenizer(reply, add_special_tokens=False)["input_ids"])
+
+
+def saves_modules(folder: str) -> bool:
+    """Whether an adapter carries more than LoRA pairs: whole modules (``modules_to_save``, the embeddings
+    of new tokens), trainable token rows, or embedding copies saved beside the LoRA weights."""
+    path = Path(folder) / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    if config.get("modules_to_save") or config.get("trainable_token_indices"):
+        return True
+    weights = Path(folder) / "adapter_model.safetensors"
+    if not weights.exists():
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as handle:
+        return any(".lora_" not in name for name in handle.keys())  # noqa: SIM118  (not a dict)
+
+
 def check_adapter(path: str, field: str) -> str:
+    """``path`` if it is a PEFT LoRA adapter folder; otherwise a UserError saying what it is instead."""
     folder = Path(path)
-    if (folder / "adapter_config.json").exists():
+    config_path = folder / "adapter_config.json"
+    if config_path.exists():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{field}: {config_path} is not valid JSON; save the adapter again") from None
+        kind = config.get("peft_type") if isinstance(config, dict) else None
+        if kind != "LORA":
+            raise UserError(
+                f"{field}: {config_path}: peft_type is {kind!r}, not 'LORA'; give a LoRA adapter folder"
+            )
+        if not any(folder.glob("adapter_model.*")):
+            raise UserError(f"{field}: {path} has no adapter_model.safetensors; save the adapter again")
         return str(folder)
     if (folder / "config.json").exists():
         raise UserError(
@@ -370,6 +511,27 @@ def decode_row(
     hit_limit = not finished and len(ids) >= int(params.get("max_tokens", 256))
     finish = "length" if hit_limit and not stopped else "stop"
     return Completion(text, finish, prompt_tokens, len(ids), seconds, extra={"batch_size": batch})
+
+
+def token_logprobs(tokenizer: Any, ids: list[int], steps: list[Any], top: int) -> list[dict[str, Any]]:
+    """OpenAI's ``logprobs.content``: each generated token with its log-probability under the model (the
+    raw distribution, before temperature or top-p) and the ``top`` most likely tokens at that step."""
+    import torch
+
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text = tokenizer.decode([token_id])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    content = []
+    for token_id, logits in zip(ids, steps, strict=True):
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        item = entry(token_id, float(logprobs[token_id]))
+        best = torch.topk(logprobs, top) if top else None
+        item["top_logprobs"] = (
+            [entry(int(i), float(v)) for v, i in zip(best.values, best.indices, strict=True)] if best else []
+        )
+        content.append(item)
+    return content
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:

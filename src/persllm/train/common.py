@@ -234,6 +234,12 @@ def add_stage_tokens(model: Model, tokenizer: Tokenizer, labels: list[str]) -> l
     return new_ids
 
 
+def single_token_ids(tokenizer: Tokenizer, labels: list[str]) -> dict[str, int]:
+    """label -> token id for the labels that are one token of ``tokenizer`` (reserved or new tokens)."""
+    vocab = tokenizer.get_vocab()
+    return {label: int(vocab[label]) for label in labels if label in vocab}
+
+
 def tied_embeddings(model: Model) -> bool:
     output = model.get_output_embeddings()
     return output is not None and output.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
@@ -343,11 +349,14 @@ def summarise(trainer: "Trainer", output: Any, started: float, extra: dict[str, 
     }
 
 
-def save_final(trainer: "Trainer", tokenizer: Tokenizer, out_dir: Path, info: dict[str, Any]) -> None:
-    """Write adapter (or weights), tokenizer and training.json to a side folder, then swap it in.
+def save_final(
+    trainer: "Trainer", tokenizer: Tokenizer, out_dir: Path, info: dict[str, Any], card: str = ""
+) -> None:
+    """Write adapter (or weights), tokenizer, model card and training.json to a side folder, then swap it in.
 
     Readers of ``models/<persona>/<stage>`` never see a half-written model; the swap happens on the
-    main process after every rank has written its part.
+    main process after every rank has written its part. The adapter's ``base_model_name_or_path`` is
+    ``info["base_model_id"]`` (a name a user can resolve, not this machine's cache path).
     """
     partial = out_dir.with_name(out_dir.name + ".partial")
     main = trainer.is_world_process_zero()
@@ -363,6 +372,10 @@ def save_final(trainer: "Trainer", tokenizer: Tokenizer, out_dir: Path, info: di
         trainer.save_model(str(partial))
     if main:
         tokenizer.save_pretrained(str(partial))
+        if is_adapter(partial) and info.get("base_model_id"):
+            set_adapter_base(partial, str(info["base_model_id"]))
+        if card:
+            (partial / "README.md").write_text(card, encoding="utf-8")
         text = json.dumps(info, indent=2, ensure_ascii=False, default=str) + "\n"
         (partial / TRAINING_JSON).write_text(text, encoding="utf-8")
         old = out_dir.with_name(out_dir.name + ".old")
@@ -373,6 +386,25 @@ def save_final(trainer: "Trainer", tokenizer: Tokenizer, out_dir: Path, info: di
         os.replace(partial, out_dir)
         shutil.rmtree(old, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
+
+
+def card_text(project: Project, persona_id: str, info: dict[str, Any]) -> str:
+    """The model card of a trained folder described by ``info`` (its training.json contents)."""
+    from persllm.curate.format import system_prompt
+    from persllm.train.card import model_card
+
+    persona = project.persona(persona_id)
+    style: SystemStyle = "brief" if info.get("system_prompt") == "brief" else "full"
+    system = {stage.id: system_prompt(persona, stage, style) for stage in persona.stages}
+    return model_card(persona, info, system)
+
+
+def set_adapter_base(folder: Path, base: str) -> None:
+    """Point ``adapter_config.json``'s ``base_model_name_or_path`` at ``base``."""
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = base
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def record(project: Project, stage: str, persona_id: str, info: dict[str, Any]) -> None:

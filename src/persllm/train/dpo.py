@@ -15,6 +15,7 @@ from typing import Any
 from persllm.config import Project
 from persllm.errors import UserError
 from persllm.train import common
+from persllm.train.card import portable_base
 
 
 def run(project: Project, persona_id: str, resume: bool = False, **overrides: Any) -> dict[str, Any]:
@@ -99,18 +100,24 @@ def run(project: Project, persona_id: str, resume: bool = False, **overrides: An
             "output": str(out_dir),
             "method": cfg.method,
             "base_model": trained_on or base_now,
+            "base_model_id": sft_info.get("base_model_id") or portable_base(project.config.base_model.model),
             "adapter_base": adapter_base,
             "reference": str(sft_dir),
+            "label_kind": sft_info.get("label_kind", "new_tokens"),
+            "stage_labels": sft_info.get("stage_labels") or {s.id: s.label for s in persona.stages},
             "stage_tokens": sft_info.get("stage_tokens", {}),
             "system_prompt": common.system_style(sft_dir),
             "train_rows": len(train_set),
             "config": {
                 "trl": common.trl_kwargs(project, "dpo", checkpoints, overrides),
-                "lora": common.lora_kwargs(project, "dpo") if peft_config is not None else None,
+                # The adapter's own LoRA settings: a new one's, or those of the SFT adapter it continues.
+                "lora": common.lora_kwargs(project, "dpo")
+                if peft_config is not None
+                else (sft_info.get("config") or {}).get("lora"),
             },
         },
     )
-    common.save_final(trainer, tokenizer, out_dir, info)
+    common.save_final(trainer, tokenizer, out_dir, info, common.card_text(project, persona.id, info))
     if trainer.is_world_process_zero():
         common.record(project, "train_dpo", persona.id, info)
     return info

@@ -1,9 +1,8 @@
-"""Export a trained persona: adapter merged, stage tokens and template kept.
+"""Export a trained persona as merged Hugging Face weights, and load trained folders for export.
 
 ``run`` writes plain Hugging Face weights, which load with ``AutoModelForCausalLM.from_pretrained(OUT)``
-and ``AutoTokenizer.from_pretrained(OUT)`` alone (no PEFT, no persllm): for vLLM, TGI or the Hub.
-``run_gguf`` writes one GGUF file for llama.cpp (persllm's ``llamacpp`` backend included) and an Ollama
-``Modelfile`` beside it.
+and ``AutoTokenizer.from_pretrained(OUT)`` alone (no PEFT, no persllm): for vLLM, TGI or the Hub. The GGUF
+exports for llama.cpp and Ollama are in ``gguf_files``.
 """
 
 import json
@@ -14,7 +13,6 @@ from typing import Any
 
 from persllm.config import Project
 from persllm.errors import UserError
-from persllm.llm.bundled import SMOLLM2
 from persllm.train import common
 
 MARKER = "persllm_export.json"
@@ -31,7 +29,8 @@ def run(project: Project, persona_id: str, out: Path, variant: str | None = None
         variant: 'sft' or 'dpo'; None picks dpo when it exists, else sft.
 
     Returns:
-        What was exported: persona, variant, source folder, output folder, stage tokens, parameter count.
+        What was exported: persona, variant, source folder, output folder, stage labels (and their
+        token ids where a label is one token), parameter count.
     """
     persona = project.persona(persona_id)
     variant = variant or pick_variant(project, persona.id)
@@ -41,9 +40,7 @@ def run(project: Project, persona_id: str, out: Path, variant: str | None = None
 
     # Load the trained model with its adapter merged in, and the tokenizer it was trained with.
     model, tokenizer = load_trained(project, persona.id, variant, merge=True)
-    stage_tokens = {
-        str(stage.label): int(tokenizer.convert_tokens_to_ids(stage.label)) for stage in persona.stages
-    }
+    labels = {stage.id: str(stage.label) for stage in persona.stages}
 
     # Write everything into a side folder, then swap it into place.
     partial = out.with_name(out.name + ".partial")
@@ -55,7 +52,8 @@ def run(project: Project, persona_id: str, out: Path, variant: str | None = None
         "variant": variant,
         "source": str(source),
         "output": str(out),
-        "stage_tokens": stage_tokens,
+        "stage_labels": labels,
+        "stage_tokens": common.single_token_ids(tokenizer, list(labels.values())),
         "parameters": sum(p.numel() for p in model.parameters()),
         "training": common.read_training_json(source),
     }
@@ -64,64 +62,6 @@ def run(project: Project, persona_id: str, out: Path, variant: str | None = None
         shutil.rmtree(out)
     os.replace(partial, out)
     return info
-
-
-def run_gguf(
-    project: Project,
-    persona_id: str,
-    out: Path,
-    variant: str | None = None,
-    file_type: str = "f16",
-    stage: str | None = None,
-) -> dict[str, Any]:
-    """Merge the persona's ``variant`` and write it as the GGUF file ``out`` plus ``<out>.Modelfile``.
-
-    Args:
-        stage: the stage the Modelfile speaks at (its system prompt and label); default the latest.
-
-    Returns:
-        What was exported: persona, variant, gguf path, Modelfile path, bytes, stage tokens, file type.
-    """
-    from persllm.curate.format import system_prompt
-    from persllm.train.gguf_export import modelfile_text, write_gguf
-
-    persona = project.persona(persona_id)
-    stage_cfg = persona.stage(stage) if stage else persona.stages[-1]
-    out = Path(out)
-    if out.suffix != ".gguf":
-        raise UserError(f"--gguf {out}: name the output file NAME.gguf")
-    modelfile = out.with_name(out.stem + ".Modelfile")
-    if out.exists() and not modelfile.exists():
-        raise UserError(f"{out}: exists and is not an earlier persllm export; choose a new file name")
-    variant = variant or pick_variant(project, persona.id)
-    source, _ = common.model_dirs(project, persona.id, variant)
-    model, tokenizer = load_trained(project, persona.id, variant, merge=True)
-    stage_tokens = {
-        str(s.label): int(tokenizer.convert_tokens_to_ids(s.label)) for s in persona.stages if s.label
-    }
-    facts = write_gguf(model, tokenizer, out, f"{persona.name} ({variant})", file_type)
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
-    note = (
-        f"persllm export: {persona.name} ({variant}) at stage {stage_cfg.id}. "
-        f"Create it with: ollama create {persona.id}-{stage_cfg.id} -f {modelfile.name}"
-    )
-    text = modelfile_text(
-        out.name,
-        system_prompt(persona, stage_cfg, common.system_style(source)),
-        stage_cfg.label,
-        "<|im_start|>" in template,
-        note,
-    )
-    modelfile.write_text(text, encoding="utf-8")
-    return {
-        "persona": persona.id,
-        "variant": variant,
-        "source": str(source),
-        "stage": stage_cfg.id,
-        "modelfile": str(modelfile),
-        "stage_tokens": stage_tokens,
-        **facts,
-    }
 
 
 def pick_variant(project: Project, persona_id: str) -> str:
@@ -178,42 +118,3 @@ def _check_target(out: Path) -> None:
         raise UserError(
             f"{out}: exists and is not an earlier persllm export; choose a new folder or empty it"
         )
-
-
-# --------------------------------------------------------------------------- GGUF for generation
-
-GENERATION_GGUF = "persllm-generation.f16.gguf"
-
-
-def generation_gguf(project: Project, persona_id: str | None = None, folder: Path | None = None) -> Path:
-    """The GGUF file ``base_model.backend: llamacpp`` generates with, exported (F16) on first use.
-
-    ``folder`` is a trained model of ``persona_id``: its merged GGUF lives inside it, so retraining
-    (which replaces the folder) drops it. Without a folder it is the base model: a ``.gguf`` model or
-    ``bundled:smollm2`` is used as it is; a Hugging Face model is exported under ``models/``. A file is
-    exported again when the weights it came from have changed since.
-    """
-    from persllm.llm.llamacpp_backend import gguf_path
-    from persllm.llm.transformers_backend import weights_fingerprint
-    from persllm.train.gguf_export import write_gguf
-
-    model = project.config.base_model.model
-    if folder is None and (model == SMOLLM2 or model.endswith(".gguf")):
-        return gguf_path(model)
-    source = Path(folder) if folder is not None else Path(common.base_model_name(project))
-    out = source / GENERATION_GGUF if folder is not None else project.run_dir / "models" / GENERATION_GGUF
-    stamp = out.with_name(out.name + ".json")
-    made_from = weights_fingerprint(source) if source.exists() else model
-    if out.exists() and stamp.exists() and json.loads(stamp.read_text()).get("source") == made_from:
-        return out
-    if folder is not None:
-        if persona_id is None:
-            raise ValueError("a trained folder's GGUF needs its persona")
-        trained, tokenizer = load_folder(project, source, persona_id, merge=True)
-        name = f"{project.persona(persona_id).name} ({source.name})"
-    else:
-        trained, tokenizer = common.load_pretrained(project, str(source))
-        name = model
-    write_gguf(trained, tokenizer, out, name, "f16")
-    stamp.write_text(json.dumps({"source": made_from}) + "\n", encoding="utf-8")
-    return out

@@ -1,12 +1,20 @@
-"""A merged Llama-family model as one GGUF file for llama.cpp and Ollama, written with the ``gguf`` package.
+"""GGUF files for llama.cpp and Ollama, written with the ``gguf`` package: a base (or merged) model, and a
+persona's LoRA adapter in llama.cpp's adapter format.
 
-What llama.cpp needs is all here: the hyper-parameters, the whole vocabulary (the stage tokens are control
-tokens, so ``<TIME-I>`` in a prompt is one token as in training), the merges and special ids, the chat
-template (without the ``{% generation %}`` training markers, which llama.cpp's template engine does not
-know) and the tensors under llama.cpp's names, with the query and key rows reordered for its rotary
-embedding. Weights are written as F16 (or F32); norms stay F32.
+A model file has what llama.cpp needs: the hyper-parameters, the whole vocabulary (stage tokens added as
+``new_tokens`` are control tokens, so ``<TIME-I>`` is one token as in training), the merges and special
+ids, the chat template (without the ``{% generation %}`` training markers, which llama.cpp's template
+engine does not know) and the tensors under llama.cpp's names. Llama's query and key rows are reordered
+from Hugging Face's half-split rotary layout to llama.cpp's interleaved one; Qwen2 uses the half-split
+(NEOX) layout and keeps them. Weights are F32, F16 or Q8_0; norms and biases stay F32.
+
+An adapter file holds each LoRA pair as ``<base tensor>.lora_a`` ([r, in]) and ``.lora_b`` ([out, r])
+with ``adapter.lora.alpha``; llama.cpp scales it by alpha / r. For Llama the rows of the query and key
+``lora_b`` get the same rotary reordering as the base weights they add to.
 """
 
+import json
+import math
 import re
 import tempfile
 from pathlib import Path
@@ -14,8 +22,10 @@ from typing import Any
 
 from persllm.errors import UserError
 
-FILE_TYPES = ("f16", "f32")
+FILE_TYPES = ("f16", "f32", "q8_0")
+ARCHITECTURES = ("llama", "qwen2")
 GENERATION_MARKERS = re.compile(r"\{%-?\s*(end)?generation\s*-?%\}")
+LORA_WEIGHT = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
 
 def rotary_order(weights: Any, heads: int) -> Any:
@@ -29,11 +39,47 @@ def rotary_order(weights: Any, heads: int) -> Any:
     )
 
 
-def pre_tokenizer_name(tokenizer: Any) -> str:
-    """llama.cpp's name for the tokenizer's pre-tokenization: digits split one by one (SmolLM) or GPT-2's."""
+def pre_tokenizer_name(tokenizer: Any, model_type: str = "llama") -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenization: Qwen2's regex, digits split one by one
+    (SmolLM) or GPT-2's."""
+    if model_type == "qwen2":
+        return "qwen2"
     backend = getattr(tokenizer, "backend_tokenizer", None)
     described = str(getattr(backend, "pre_tokenizer", "")) if backend is not None else ""
     return "smollm" if "Digits" in described else "gpt-2"
+
+
+def check_file_type(file_type: str) -> None:
+    if file_type not in FILE_TYPES:
+        raise UserError(f"--gguf-type {file_type!r}: use one of {', '.join(FILE_TYPES)}")
+
+
+def check_architecture(model_type: str) -> None:
+    if model_type not in ARCHITECTURES:
+        raise UserError(
+            f"--gguf: the model is a {model_type!r}; GGUF export covers Llama-family (SmolLM2, Llama) and "
+            "Qwen2-family models; export --merge and convert it with llama.cpp's convert_hf_to_gguf.py"
+        )
+
+
+def arch_of(model_type: str) -> Any:
+    import gguf
+
+    return gguf.MODEL_ARCH.QWEN2 if model_type == "qwen2" else gguf.MODEL_ARCH.LLAMA
+
+
+def encode_tensor(data: Any, file_type: str) -> tuple[Any, Any]:
+    """(array, raw dtype or None) of one 2-D weight in ``file_type``; Q8_0 needs rows of 32-multiples
+    and falls back to F16 otherwise, as llama.cpp's converter does."""
+    import gguf
+    import numpy as np
+
+    if file_type == "q8_0" and data.shape[-1] % 32 == 0:
+        quant = gguf.GGMLQuantizationType.Q8_0
+        return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), quant), quant
+    if file_type in ("f16", "q8_0"):
+        return np.ascontiguousarray(data.astype(np.float16)), None
+    return np.ascontiguousarray(data.astype(np.float32)), None
 
 
 def token_table(tokenizer: Any, rows: int) -> tuple[list[str], list[int]]:
@@ -57,7 +103,7 @@ def token_table(tokenizer: Any, rows: int) -> tuple[list[str], list[int]]:
 
 
 def write_gguf(model: Any, tokenizer: Any, out: Path, name: str, file_type: str = "f16") -> dict[str, Any]:
-    """Write ``model`` (a merged transformers Llama) and ``tokenizer`` to the GGUF file ``out``.
+    """Write ``model`` (a transformers Llama or Qwen2, merged) and ``tokenizer`` to the GGUF file ``out``.
 
     Returns the file's facts: path, bytes, tensor count, vocabulary size, file type, pre-tokenizer.
     """
@@ -65,13 +111,8 @@ def write_gguf(model: Any, tokenizer: Any, out: Path, name: str, file_type: str 
     import numpy as np
 
     config = model.config
-    if config.model_type != "llama":
-        raise UserError(
-            f"--gguf: the model is a {config.model_type!r}; GGUF export covers Llama-family models "
-            "(SmolLM2, Llama); export --merge and convert it with llama.cpp's convert_hf_to_gguf.py"
-        )
-    if file_type not in FILE_TYPES:
-        raise UserError(f"--gguf-type {file_type!r}: use one of {', '.join(FILE_TYPES)}")
+    check_architecture(config.model_type)
+    check_file_type(file_type)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     state = {key: value.detach().float().cpu().numpy() for key, value in model.state_dict().items()}
@@ -80,7 +121,7 @@ def write_gguf(model: Any, tokenizer: Any, out: Path, name: str, file_type: str 
         state["lm_head.weight"], state["model.embed_tokens.weight"]
     )
 
-    arch = gguf.MODEL_ARCH.LLAMA
+    arch = arch_of(config.model_type)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     writer = gguf.GGUFWriter(str(partial), gguf.MODEL_ARCH_NAMES[arch])
@@ -95,12 +136,15 @@ def write_gguf(model: Any, tokenizer: Any, out: Path, name: str, file_type: str 
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_rope_dimension_count(int(head_dim))
     writer.add_vocab_size(int(rows))
-    writer.add_file_type(
-        int(gguf.LlamaFileType.MOSTLY_F16 if file_type == "f16" else gguf.LlamaFileType.ALL_F32)
-    )
+    file_types = {
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }
+    writer.add_file_type(int(file_types[file_type]))
 
     # Vocabulary: tokens and types from the tokenizer itself, merges and special ids from its files.
-    pre = pre_tokenizer_name(tokenizer)
+    pre = pre_tokenizer_name(tokenizer, config.model_type)
     tokens, types = token_table(tokenizer, rows)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
@@ -113,30 +157,26 @@ def write_gguf(model: Any, tokenizer: Any, out: Path, name: str, file_type: str 
         special.chat_template = GENERATION_MARKERS.sub("", template) if template else None
         special.add_to_gguf(writer)
 
-    # Tensors under llama.cpp's names; q/k rows reordered for its rotary embedding.
+    # Tensors under llama.cpp's names; Llama's q/k rows reordered for its rotary embedding.
     names = gguf.get_tensor_name_map(arch, int(config.num_hidden_layers))
     written = 0
     for key, data in state.items():
-        if key == "lm_head.weight" and tied:
-            continue
-        if "rotary_emb" in key:
+        if (key == "lm_head.weight" and tied) or "rotary_emb" in key:
             continue
         target = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if target is None:
             raise UserError(f"--gguf: no llama.cpp name for tensor {key!r}; this model cannot be exported")
-        if key.endswith("q_proj.weight"):
+        if config.model_type == "llama" and key.endswith("q_proj.weight"):
             data = rotary_order(data, heads)
-        elif key.endswith("k_proj.weight"):
+        elif config.model_type == "llama" and key.endswith("k_proj.weight"):
             data = rotary_order(data, kv_heads)
-        if file_type == "f16" and data.ndim == 2:
-            data = data.astype(np.float16)
-        writer.add_tensor(target, np.ascontiguousarray(data))
+        if data.ndim == 2 and not key.endswith("norm.weight"):
+            array, raw = encode_tensor(data, file_type)
+            writer.add_tensor(target, array, raw_dtype=raw)
+        else:
+            writer.add_tensor(target, np.ascontiguousarray(data, dtype=np.float32))
         written += 1
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    partial.replace(out)
+    _finish(writer, partial, out)
     return {
         "gguf": str(out),
         "bytes": out.stat().st_size,
@@ -147,10 +187,96 @@ def write_gguf(model: Any, tokenizer: Any, out: Path, name: str, file_type: str 
     }
 
 
-def modelfile_text(gguf_name: str, system: str, label: str | None, chatml: bool, note: str) -> str:
-    """An Ollama ``Modelfile`` for the exported file: the persona's system prompt and, for ChatML models,
-    a template that puts the stage label before the first user turn, as in training."""
-    lines = [f"# {note}", f"FROM ./{gguf_name}", f'SYSTEM """{system}"""']
+def write_lora_gguf(
+    adapter: Path, config: Any, out: Path, name: str, file_type: str = "f16"
+) -> dict[str, Any]:
+    """Write the PEFT LoRA adapter folder ``adapter`` as a llama.cpp LoRA adapter for a base with ``config``.
+
+    Args:
+        adapter: a plain LoRA adapter (no ``modules_to_save``: a llama.cpp adapter cannot grow the
+            vocabulary or replace whole modules).
+        config: the base model's transformers config (architecture, heads, layers).
+        file_type: f32 keeps the adapter exact; f16 and q8_0 write F16 pairs (a rank below 32 cannot be
+            Q8_0 blocks).
+
+    Returns:
+        The file's facts: path, bytes, LoRA pairs, rank, alpha, file type.
+    """
+    import gguf
+    from safetensors.numpy import load_file
+
+    check_architecture(config.model_type)
+    check_file_type(file_type)
+    settings = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    if settings.get("modules_to_save") or settings.get("trainable_token_indices"):
+        raise UserError(
+            f"{adapter}: the adapter saves whole modules ({settings.get('modules_to_save')}), as training "
+            "with stage_labels.kind: new_tokens does; a llama.cpp LoRA cannot carry them: export --gguf "
+            "NAME.gguf (one merged file) instead"
+        )
+    if settings.get("rank_pattern") or settings.get("alpha_pattern") or settings.get("use_dora"):
+        raise UserError(f"{adapter}: per-module ranks or DoRA have no llama.cpp LoRA form; merge instead")
+    rank, alpha = int(settings["r"]), float(settings["lora_alpha"])
+    if settings.get("use_rslora"):
+        alpha = alpha * math.sqrt(rank)  # llama.cpp scales by alpha / r; rsLoRA means alpha / sqrt(r)
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    pairs: dict[str, dict[str, Any]] = {}
+    for key, tensor in weights.items():
+        match = LORA_WEIGHT.match(key)
+        if match is None:
+            raise UserError(f"{adapter}: tensor {key!r} is not a LoRA weight; a llama.cpp adapter has none")
+        pairs.setdefault(match.group("module"), {})[match.group("part")] = tensor.astype("float32")
+
+    arch = arch_of(config.model_type)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    names = gguf.get_tensor_name_map(arch, int(config.num_hidden_layers))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    writer = gguf.GGUFWriter(str(partial), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_name(name)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    pair_type = "f32" if file_type == "f32" else "f16"
+    for module, pair in sorted(pairs.items()):
+        target = names.get_name(module + ".weight", try_suffixes=(".weight",))
+        if target is None or set(pair) != {"A", "B"}:
+            raise UserError(f"{adapter}: no llama.cpp tensor for LoRA module {module!r}; merge instead")
+        lora_a, lora_b = pair["A"], pair["B"]
+        if config.model_type == "llama" and module.endswith("q_proj"):
+            lora_b = rotary_order(lora_b, heads)
+        elif config.model_type == "llama" and module.endswith("k_proj"):
+            lora_b = rotary_order(lora_b, kv_heads)
+        writer.add_tensor(target + ".lora_a", encode_tensor(lora_a, pair_type)[0])
+        writer.add_tensor(target + ".lora_b", encode_tensor(lora_b, pair_type)[0])
+    _finish(writer, partial, out)
+    return {
+        "gguf": str(out),
+        "bytes": out.stat().st_size,
+        "pairs": len(pairs),
+        "rank": rank,
+        "alpha": alpha,
+        "file_type": pair_type,
+    }
+
+
+def _finish(writer: Any, partial: Path, out: Path) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    partial.replace(out)
+
+
+def modelfile_text(
+    gguf_name: str, system: str, label: str | None, chatml: bool, note: str, adapter: str | None = None
+) -> str:
+    """An Ollama ``Modelfile`` for the exported file (and the persona's LoRA ``adapter`` file on it): the
+    persona's system prompt and, for ChatML models, a template that puts the stage label before the
+    first user turn, as in training."""
+    lines = [f"# {note}", f"FROM ./{gguf_name}"]
+    lines += [f"ADAPTER ./{adapter}"] if adapter else []
+    lines += [f'SYSTEM """{system}"""']
     if chatml:
         prefix = f"{label} " if label else ""
         lines += [

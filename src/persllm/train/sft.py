@@ -1,9 +1,11 @@
 """Supervised fine-tuning of one persona on ``data/<persona>/sft_train.jsonl`` with TRL's SFTTrainer.
 
-The persona's stage labels (``<TIME-I>``, ...) become special tokens whose embedding rows start at the
-mean of the existing rows and are trained (LoRA: the embedding and LM head are saved with the adapter).
-Loss is on the assistant turns only. The result is ``models/<persona>/sft``: the adapter (or full
-weights), the tokenizer with the stage tokens and the serving chat template, and ``training.json``.
+The stage labels (``<TIME-I>``, ...) are plain text or reserved tokens the base vocabulary already has
+(``stage_labels.kind``), so the result is a plain LoRA adapter. Only ``new_tokens`` adds them as special
+tokens whose embedding rows start at the mean of the existing rows and are trained (the embedding and LM
+head are then saved with the adapter). Loss is on the assistant turns only. The result is
+``models/<persona>/sft``: the adapter (or full weights), the tokenizer and the serving chat template, a
+model card (``README.md``) and ``training.json``.
 """
 
 import time
@@ -12,6 +14,7 @@ from typing import Any
 from persllm.config import Project
 from persllm.curate.stats import curated_format
 from persllm.train import common
+from persllm.train.card import portable_base
 
 
 def run(project: Project, persona_id: str, resume: bool = False, **overrides: Any) -> dict[str, Any]:
@@ -44,12 +47,12 @@ def run(project: Project, persona_id: str, resume: bool = False, **overrides: An
     test_path = data_dir / "sft_test.jsonl"
     test_set = common.read_dataset(test_path, ["messages"], make_it) if common.has_rows(test_path) else None
 
-    # Model, tokenizer and the stage tokens (mean-initialised embedding rows).
+    # Model and tokenizer; with stage_labels.kind: new_tokens, the labels become new (mean-initialised) rows.
     base_name = common.base_model_name(project)
     model, tokenizer = common.load_pretrained(project, base_name)
+    kind = project.config.stage_labels.kind
     labels = common.stage_labels(project, persona.id)
-    new_ids = common.add_stage_tokens(model, tokenizer, labels)
-    stage_tokens = {label: int(tokenizer.convert_tokens_to_ids(label)) for label in labels}
+    new_ids = common.add_stage_tokens(model, tokenizer, labels) if kind == "new_tokens" else []
 
     # Assistant-only loss needs {% generation %} markers; train with a twin template, serve with the original.
     serving_template = tokenizer.chat_template
@@ -90,8 +93,11 @@ def run(project: Project, persona_id: str, resume: bool = False, **overrides: An
             "output": str(out_dir),
             "method": cfg.method,
             "base_model": base_name,
+            "base_model_id": portable_base(project.config.base_model.model),
             "adapter_base": "base_model",
-            "stage_tokens": stage_tokens,
+            "label_kind": kind,
+            "stage_labels": {stage.id: stage.label for stage in persona.stages},
+            "stage_tokens": common.single_token_ids(tokenizer, labels),
             "added_token_ids": new_ids,
             "system_prompt": curated_format(data_dir / "stats.json", project.config.curate)[1],
             "train_rows": len(train_set),
@@ -103,7 +109,7 @@ def run(project: Project, persona_id: str, resume: bool = False, **overrides: An
             },
         },
     )
-    common.save_final(trainer, tokenizer, out_dir, info)
+    common.save_final(trainer, tokenizer, out_dir, info, common.card_text(project, persona.id, info))
     if trainer.is_world_process_zero():
         common.record(project, "train_sft", persona.id, info)
     return info
