@@ -20,6 +20,8 @@ Prints a table and writes benchmarks/out/stage_labels.json.
 
 import argparse
 import json
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -137,17 +139,55 @@ def sizes(text_run: Path, new_run: Path) -> dict[str, Any]:
     return {"adapter_weights_bytes": adapters, "gguf": exports}
 
 
+def ensure_runs(text_run: Path, new_run: Path) -> None:
+    """Make the two demo runs that are missing: text labels first, then new tokens on a copy of its data."""
+    persllm = str(Path(sys.executable).parent / "persllm")
+    if not (text_run / "eval" / "metrics.json").exists():
+        subprocess.run([persllm, "run", str(CONFIG), "--set", f"run_dir={text_run}"], check=True)
+    if not (new_run / "eval" / "metrics.json").exists():
+        new_run.mkdir(parents=True, exist_ok=True)
+        for name in COPIED:
+            source, target = text_run / name, new_run / name
+            if source.is_dir() and not target.exists():
+                shutil.copytree(source, target)
+            elif source.is_file() and not target.exists():
+                shutil.copy2(source, target)
+        new_tokens = ["--set", "stage_labels.kind=new_tokens", "--set", f"run_dir={new_run}"]
+        subprocess.run([persllm, "run", str(CONFIG), *new_tokens], check=True)
+
+
+def tabulated(result: dict[str, Any], rows: list[tuple[str, Any]]) -> dict[str, Any]:
+    """The JSON written: a row per label kind and per file (what results.md shows), then every detail."""
+    comparison = []
+    for kind, run in result["runs"].items():
+        row: dict[str, Any] = {"labels": kind, "items": run["eval"]["items"], "chance": run["chance"]}
+        for name, pick in rows:
+            estimate = pick(run)
+            row[name] = f"{estimate['value']:.3f} [{estimate['low']:.3f}, {estimate['high']:.3f}]"
+        comparison.append(row)
+    adapters = [
+        {"adapter": name, "MB": round(size / 1e6, 1)}
+        for name, size in result["sizes"]["adapter_weights_bytes"].items()
+    ]
+    gguf = [
+        {
+            "export": name,
+            "base MB": round(info["base_bytes"] / 1e6, 1),
+            **{f"{f} MB": round(b / 1e6, 1) for f, b in info["persona_files"].items()},
+            "seconds": info["seconds"],
+        }
+        for name, info in result["sizes"]["gguf"].items()
+    ]
+    return {"comparison": comparison, "adapters": adapters, "gguf": gguf, "detail": result}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--text", type=Path, default=REPO / "runs" / "demo")
-    parser.add_argument("--new", type=Path, default=REPO / "runs" / "demo-new-tokens")
+    parser.add_argument("--text", type=Path, default=RUNS / "demo")
+    parser.add_argument("--new", type=Path, default=RUNS / "demo-new-tokens")
     args = parser.parse_args()
-    for run in (args.text, args.new):
-        if not (run / "eval" / "metrics.json").exists():
-            print(
-                f"{run}: no evaluated run; see this script's docstring for the two commands", file=sys.stderr
-            )
-            return 2
+    args.text, args.new = args.text.resolve(), args.new.resolve()
+    ensure_runs(args.text, args.new)
     result: dict[str, Any] = {"runs": {}}
     for kind, run in (("text", args.text), ("new_tokens", args.new)):
         table = nll_table(run, kind)
@@ -192,7 +232,7 @@ def main() -> int:
         files = ", ".join(f"{f} {b / 1e6:.1f} MB" for f, b in info["persona_files"].items())
         print(f"gguf {name:12} base {info['base_bytes'] / 1e6:7.1f} MB; {files}")
     OUT.mkdir(exist_ok=True)
-    (OUT / "stage_labels.json").write_text(json.dumps(result, indent=2) + "\n")
+    (OUT / "stage_labels.json").write_text(json.dumps(tabulated(result, rows), indent=2) + "\n")
     return 0
 
 
