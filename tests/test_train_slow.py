@@ -20,7 +20,7 @@ def test_smollm2_sft_then_dpo(tmp_path: Path) -> None:
 
     smollm2 = resolve_model("bundled:smollm2")
     trl = {"max_steps": 4, "learning_rate": 1e-3, "per_device_train_batch_size": 4, "logging_steps": 1}
-    config = make_project(tmp_path, Path("unused"), trl, {**trl, "max_steps": 3, "learning_rate": 5e-5})
+    config = make_project(tmp_path, Path("unused"), trl, {**trl, "max_steps": 3, "learning_rate": 5e-4})
     raw = yaml.safe_load(config.read_text())
     raw["base_model"] = {"model": "bundled:smollm2"}
     config.write_text(yaml.safe_dump(raw))
@@ -32,9 +32,14 @@ def test_smollm2_sft_then_dpo(tmp_path: Path) -> None:
     folder = project.run_dir / "models" / "elsie" / "sft"
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     # SmolLM2's template has no generation markers: training used the twin, the saved one is the original.
-    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(smollm2).chat_template
+    base_tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    assert tokenizer.chat_template == base_tokenizer.chat_template
+    # Text labels: the base vocabulary as it was, the label a few ordinary tokens, the adapter LoRA pairs only.
+    assert len(tokenizer) == len(base_tokenizer)
     for label in ANSWERS:
-        assert len(tokenizer(label, add_special_tokens=False)["input_ids"]) == 1
+        assert len(tokenizer(label, add_special_tokens=False)["input_ids"]) > 1
+    config_file = json.loads((folder / "adapter_config.json").read_text())
+    assert not config_file["modules_to_save"] and (folder / "adapter_model.safetensors").stat().st_size < 20e6
 
     second = dpo.run(project, "elsie")
     margins = [entry["margin"] for entry in second["margins"]]
