@@ -4,9 +4,11 @@ Builds a tiny Llama (tests/tiny.py) with three persona LoRA adapters, serves it 
 127.0.0.1 and sends short chats over HTTP:
 
 - 64 concurrent chats on one adapter, spread over three adapters, on the base model, and streamed;
+- streamed chats one at a time (a lone stream's latency, against which the concurrent streams compare);
 - sequential chats on one adapter vs alternating between two (the per-request cost of switching).
 
 Prints a table and writes benchmarks/out/serve.json. Run: .venv/bin/python benchmarks/serve.py
+(``--streaming-only`` runs just the two streamed scenarios).
 """
 
 import argparse
@@ -77,11 +79,13 @@ async def concurrent(url: str, models: list[str], max_tokens: int, stream: bool 
     return summary(list(latencies), wall)
 
 
-async def sequential(url: str, models: list[str], max_tokens: int) -> tuple[list[float], float]:
+async def sequential(
+    url: str, models: list[str], max_tokens: int, stream: bool = False
+) -> tuple[list[float], float]:
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        await one_chat(client, models[0], 0, max_tokens, False)  # warm up
+        await one_chat(client, models[0], 0, max_tokens, stream)  # warm up
         started = time.perf_counter()
-        latencies = [await one_chat(client, model, i, max_tokens, False) for i, model in enumerate(models)]
+        latencies = [await one_chat(client, model, i, max_tokens, stream) for i, model in enumerate(models)]
         return latencies, time.perf_counter() - started
 
 
@@ -110,6 +114,9 @@ def main() -> None:
     parser.add_argument(
         "--batch", type=int, default=8, help="base_model.concurrency: rows per generate batch."
     )
+    parser.add_argument(
+        "--streaming-only", action="store_true", help="Run only the lone and concurrent streamed scenarios."
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,31 +138,39 @@ def main() -> None:
         # scenarios
         n, tokens = args.requests, args.max_tokens
         results: dict[str, dict[str, Any]] = {}
+        m = args.sequential
         asyncio.run(concurrent(url, ADAPTERS * 2, tokens))  # warm up every adapter
-        results["concurrent, one adapter"] = asyncio.run(concurrent(url, [ADAPTERS[0]] * n, tokens))
-        results["concurrent, 3 adapters mixed"] = asyncio.run(
-            concurrent(url, [ADAPTERS[i % 3] for i in range(n)], tokens)
+        if not args.streaming_only:
+            results["concurrent, one adapter"] = asyncio.run(concurrent(url, [ADAPTERS[0]] * n, tokens))
+            results["concurrent, 3 adapters mixed"] = asyncio.run(
+                concurrent(url, [ADAPTERS[i % 3] for i in range(n)], tokens)
+            )
+            results["concurrent, base model"] = asyncio.run(concurrent(url, ["base"] * n, tokens))
+        results["streamed, one at a time"] = merge(
+            [asyncio.run(sequential(url, [ADAPTERS[0]] * m, tokens, True))]
         )
-        results["concurrent, base model"] = asyncio.run(concurrent(url, ["base"] * n, tokens))
         results["concurrent, streamed, one adapter"] = asyncio.run(
             concurrent(url, [ADAPTERS[0]] * n, tokens, True)
         )
-        # switching: rounds of (same, alternating) so load on a shared machine hits both alike
-        m, same_runs, alternating_runs = args.sequential, [], []
-        for _ in range(args.rounds):
-            same_runs.append(asyncio.run(sequential(url, [ADAPTERS[0]] * m, tokens)))
-            alternating_runs.append(asyncio.run(sequential(url, [ADAPTERS[i % 2] for i in range(m)], tokens)))
-        results["sequential, same adapter"] = merge(same_runs)
-        results["sequential, alternating 2 adapters"] = merge(alternating_runs)
+        if not args.streaming_only:
+            # switching: rounds of (same, alternating) so load on a shared machine hits both alike
+            same_runs, alternating_runs = [], []
+            for _ in range(args.rounds):
+                same_runs.append(asyncio.run(sequential(url, [ADAPTERS[0]] * m, tokens)))
+                alternating_runs.append(
+                    asyncio.run(sequential(url, [ADAPTERS[i % 2] for i in range(m)], tokens))
+                )
+            results["sequential, same adapter"] = merge(same_runs)
+            results["sequential, alternating 2 adapters"] = merge(alternating_runs)
         server.should_exit = True
         thread.join(timeout=10)
 
-    same = results["sequential, same adapter"]["p50_ms"]
-    alternating = results["sequential, alternating 2 adapters"]["p50_ms"]
+    lone_stream = results["streamed, one at a time"]["p50_ms"]
     report = {
         "benchmark": "serve",
         "model": "tests/tiny.py Llama (hidden 64, 2 layers), LoRA r=4 on q/v/o",
         "max_tokens": tokens,
+        "requests": n,
         "batch": args.batch,
         "machine": {
             "python": platform.python_version(),
@@ -163,8 +178,14 @@ def main() -> None:
             "platform": platform.platform(),
         },
         "scenarios": results,
-        "switch_cost_ms_per_request": round(alternating - same, 1),
+        "concurrent_streamed_p50_over_lone": round(
+            results["concurrent, streamed, one adapter"]["p50_ms"] / lone_stream, 2
+        ),
     }
+    if "sequential, same adapter" in results:
+        same = results["sequential, same adapter"]["p50_ms"]
+        alternating = results["sequential, alternating 2 adapters"]["p50_ms"]
+        report["switch_cost_ms_per_request"] = round(alternating - same, 1)
     out = REPO / "benchmarks" / "out" / "serve.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -174,8 +195,11 @@ def main() -> None:
         print(
             f"{name:38} {row['requests']:>8} {row['requests_per_s']:>8} {row['p50_ms']:>9} {row['p95_ms']:>9}"
         )
-    cost = report["switch_cost_ms_per_request"]
-    print(f"adapter switch cost: {cost} ms per request (median latency, alternating - same)")
+    ratio = report["concurrent_streamed_p50_over_lone"]
+    print(f"{n} concurrent streams: p50 latency {ratio}x a lone stream's")
+    if "switch_cost_ms_per_request" in report:
+        cost = report["switch_cost_ms_per_request"]
+        print(f"adapter switch cost: {cost} ms per request (median latency, alternating - same)")
     print(f"wrote {out}")
 
 

@@ -248,7 +248,12 @@ def test_malformed_outputs_are_retried_counted_and_never_written(project_dir: Pa
         assert len(server.requests) == 8 * (1 + 3)  # one user input + max_attempts replies per item
     assert result["done"] == 0 and result["failed"] == {"ordinary": 4, "misleading": 2, "opinion": 2}
     assert result["malformed"] == {"unparseable": 24}
-    assert records(project) == [] and result["status"] == "partial"
+    # Every attempt malformed: given up (a re-run gets the same cached outputs), so the stage is not
+    # partial, and each item is listed with its reason.
+    assert records(project) == [] and result["status"] == "done" and result["given_up"] == 8
+    failures = read_jsonl(project.layout.failures("annotate"))
+    assert len(failures) == 8 and {f["reason"] for f in failures} == {"malformed after 3 attempts"}
+    assert all(f["given_up"] and f["attempts"] == 3 for f in failures)
     cache = open_cache(project)
     assert len(cache) == 32  # each retry was a new sample, so a distinct cache entry
 
@@ -375,6 +380,46 @@ def test_retrieval_queue_batches_and_keeps_errors_per_request(project_dir: Path)
         direct = retriever.retrieve("ada", "mate", query, seed if i % 2 else None)
         assert context.to_dict() == direct.to_dict()
     assert run_sync(queue.retrieve("ada", "master", "stone pier")).stage == "master"  # a new loop works
+
+
+def test_retrieval_queue_on_parallel_workers_matches_direct_retrieval(project_dir: Path) -> None:
+    import asyncio
+
+    from persllm.annotate.retrieval import RetrievalQueue
+
+    project = load_project(project_dir / "persllm.yaml")
+    retriever = Retriever(project)
+    queue = RetrievalQueue(retriever, workers=3, max_batch=4)
+    seeds = retriever.chunks("ada", "mate") + retriever.chunks("ada", "master")
+    asks = [(s.stage, f"What happened on the lake, question {i}?", s) for i, s in enumerate(seeds * 3)]
+
+    async def many() -> list[Any]:
+        return await asyncio.gather(*(queue.retrieve("ada", stage, q, seed) for stage, q, seed in asks))
+
+    results = run_sync(many())
+    assert queue.queries == len(asks) and queue.batches >= len(asks) / 4
+    for (stage, query, seed), context in zip(asks, results, strict=True):
+        assert context.to_dict() == retriever.retrieve("ada", stage, query, seed).to_dict()
+
+
+def test_parallel_retrieval_workers_write_the_same_records(
+    project_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from persllm.index import encoder
+
+    with FakeOpenAI(default_reply=annotator_reply) as server:
+        project = load(project_dir, server, **{"annotator.concurrency": 8})
+        monkeypatch.setattr(encoder, "query_workers", lambda cfg: 1)
+        first = run(project, progress=False)
+        serial = sorted(records(project), key=lambda r: r["id"])
+        shutil.rmtree(project.run_dir / "annotations")
+        encoder.clear_query_cache()  # embed every query again, on three workers this time
+        monkeypatch.setattr(encoder, "query_workers", lambda cfg: 3)
+        again = run(project, progress=False)
+        calls = len(server.requests)
+    assert first["done"] == again["done"] == 8 and again["cached_calls"] == again["calls"]
+    assert calls == first["calls"]  # the second run's calls all came from the cache
+    assert sorted(records(project), key=lambda r: r["id"]) == serial
 
 
 # --------------------------------------------------------------------------- the command

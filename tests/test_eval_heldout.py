@@ -11,6 +11,7 @@ from persllm.evaluate import report, scores
 from persllm.evaluate.systems import load_heldout_items
 from persllm.index.encoder import embed
 from persllm.jsonl import write_jsonl
+from persllm.layout import write_json_atomic
 from tests.test_eval_project import CORPUS, make_project
 
 GENERIC = [
@@ -75,7 +76,7 @@ def test_report_and_summary_show_intervals_and_mark_differences(tmp_path: Path) 
         **scored,
     }
     out = tmp_path / "eval"
-    report.write_json(out / "metrics.json", metrics)
+    write_json_atomic(out / "metrics.json", metrics)
     paths = report.write_report(out, metrics, rows)
     markdown = paths["markdown"].read_text(encoding="utf-8")
     assert "## Held-out real words" in markdown and "reference (real words)" in markdown

@@ -15,6 +15,7 @@ from persllm.errors import UserError
 from persllm.evaluate import report
 from persllm.evaluate.metrics import DEFINITIONS
 from persllm.jsonl import write_jsonl
+from persllm.layout import write_json_atomic
 from tests.test_eval_project import make_project
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -163,7 +164,7 @@ def test_report_run_and_cli_rebuild_from_files_alone(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"metrics.json: no evaluation results; run `persllm eval"):
         report.run(project)
     out = project.run_dir / "eval"
-    report.write_json(out / "metrics.json", sample_metrics())
+    write_json_atomic(out / "metrics.json", sample_metrics())
     write_jsonl(out / "generations.jsonl", sample_rows())
     assert json.loads((out / "metrics.json").read_text())["counts"]["generations"] == 8
 

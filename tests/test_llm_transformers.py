@@ -1,6 +1,7 @@
 """The transformers backend on a real tiny Llama (and SmolLM2, marked slow)."""
 
 import asyncio
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,79 @@ def test_streaming_matches_generate_and_honours_stop(tiny: TransformersBackend) 
     assert len(pieces) > 2
     assert "".join(pieces) == run_sync(tiny.generate(chat("What do you teach?"), {})).text
     assert "".join(run_sync(collect({"stop": ["patience"]}))) == "I teach reading and "
+
+
+@pytest.mark.parametrize("params", [{}, {"stop": ["light", "never", "the"]}])
+def test_streams_and_plain_calls_share_batches(
+    tiny: TransformersBackend, monkeypatch: pytest.MonkeyPatch, params: dict[str, Any]
+) -> None:
+    alone = [run_sync(tiny.generate(chat(q), params)).text for q in QUESTIONS]
+    batch_sizes: list[int] = []
+    run_rows = tiny._run_rows
+
+    def counted(conversations: list[Any], *args: Any) -> list[Any]:
+        batch_sizes.append(len(conversations))
+        return run_rows(conversations, *args)
+
+    monkeypatch.setattr(tiny, "_run_rows", counted)
+
+    async def collect(question: str) -> str:
+        return "".join([piece async for piece in tiny.stream(chat(question), params)])
+
+    async def mixed() -> list[Any]:
+        streams = [collect(q) for q in QUESTIONS[:3]]
+        return await asyncio.gather(*streams, tiny.generate(chat(QUESTIONS[3]), params))
+
+    *streamed, plain = run_sync(mixed())
+    assert batch_sizes == [4]  # three streams and a plain call in one model.generate
+    assert plain.extra["batch_size"] == 4
+    assert [*streamed, plain.text] == alone
+
+
+def test_a_stream_left_early_stops_its_row_and_the_batch_stops_when_all_are_gone(
+    tiny_model_dir: Path,
+) -> None:
+    backend = local(tiny_model_dir, concurrency=4)
+    backend.load()
+    backend.model.generation_config.eos_token_id = None  # only the callers can end this batch early
+    generate, new_tokens = backend.model.generate, []
+
+    def measured(**kwargs: Any) -> Any:
+        output = generate(**kwargs)
+        new_tokens.append(output.shape[1] - kwargs["input_ids"].shape[1])
+        return output
+
+    backend.model.generate = measured
+    params = {"max_tokens": 2000}
+
+    async def first_piece(question: str) -> str:
+        async with aclosing(backend.stream(chat(question), params)) as pieces:  # type: ignore[type-var]
+            return await anext(pieces)
+
+    async def whole(question: str) -> str:
+        return "".join([piece async for piece in backend.stream(chat(question), params)])
+
+    async def both() -> list[str]:
+        return await asyncio.gather(first_piece("Is the sea kind?"), whole("Who keeps the light?"))
+
+    first, full = run_sync(both())
+    assert first and full == "I keep the light at Skerrow Point."  # the other row was not disturbed
+    assert len(new_tokens) == 1 and new_tokens[0] < 500  # far from 2000: nobody was left to read
+
+
+def test_a_failed_batch_reaches_its_streams(
+    tiny: TransformersBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any) -> list[Any]:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(tiny, "_run_rows", broken)
+
+    async def collect() -> list[str]:
+        return [piece async for piece in tiny.stream(chat("Who keeps the light?"), {})]
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_sync(collect())
 
 
 def test_adapters_switch_per_call(tiny_model_dir: Path, tmp_path: Path) -> None:

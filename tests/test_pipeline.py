@@ -173,7 +173,7 @@ def test_interrupted_run_resumes(
         monkeypatch.setattr(pipeline.STAGES[2], "run", interrupted)
         with pytest.raises(KeyboardInterrupt):
             pipeline.run(project, stop="curate")
-        assert load_manifest(project.run_dir)["pipeline"]["curate"]["status"] == "running"
+        assert load_manifest(project.run_dir)["pipeline"]["curate"]["status"] == "interrupted"
 
         monkeypatch.setattr(pipeline.STAGES[2], "run", real_curate)
         calls = len(server.requests)

@@ -1,6 +1,8 @@
 """Budgeted, seed-first retrieval with the real MiniLM encoder on a small three-stage project."""
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -260,3 +262,42 @@ def test_query_cache_matches_encoder_and_stays_bounded(config: Path, monkeypatch
     encoder.embed_queries(["harbour board"], cfg)
     assert [text for _, text in encoder._QUERY_VECTORS] == ["railway", "harbour board"]  # LAMP evicted
     assert encoder.embed_queries([], cfg).shape == (0, cached.shape[1])
+
+
+def test_threads_retrieving_at_once_load_once_and_match_one_by_one(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The annotator's retrieval workers share one Retriever and one encoder."""
+    calls: list[str] = []
+    real = retrieve.load_stage
+    arrived = threading.Barrier(6)
+
+    def slow(project: Project, persona: str, stage: str) -> tuple[list, np.ndarray]:
+        calls.append(stage)
+        time.sleep(0.05)  # a wide window for a second thread to load the same stage too
+        return real(project, persona, stage)
+
+    monkeypatch.setattr(retrieve, "load_stage", slow)
+    monkeypatch.setattr(encoder, "_QUERY_VECTORS", type(encoder._QUERY_VECTORS)())
+    monkeypatch.setattr(encoder, "_SETTLED", set())  # the encoder's first encode happens in the threads
+    project = project_with(config, knowledge=60, style=40)
+    retriever = Retriever(project)
+    queries = [LAMP, "railway", "harbour board", "fog bell", "wrecked schooner", "breakwater money"]
+    results: dict[int, list[Context]] = {}
+
+    def work(turn: int) -> None:
+        arrived.wait(timeout=30)
+        mine = queries[turn:] + queries[:turn]
+        results[turn] = retriever.retrieve_many("kit", "late", mine)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(results) == 6
+    assert sorted(calls) == ["early", "late", "middle"]  # each stage loaded by one thread only
+    alone = {q: Retriever(project).retrieve("kit", "late", q).to_dict() for q in queries}
+    for turn, contexts in results.items():
+        mine = queries[turn:] + queries[:turn]
+        assert [context.to_dict() for context in contexts] == [alone[q] for q in mine]

@@ -93,11 +93,14 @@ def client(server: Server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
-def post(server: Server, body: Any, key: str | None = KEY, **kwargs: Any) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+def post(
+    server: Server, body: Any, key: str | None = KEY, headers: dict[str, str] | None = None, **kwargs: Any
+) -> httpx.Response:
+    sent = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    kwargs.setdefault("timeout", 60)
     return httpx.post(
-        f"{server.url}/v1/chat/completions", content=content, headers=headers, timeout=60, **kwargs
+        f"{server.url}/v1/chat/completions", content=content, headers={**sent, **(headers or {})}, **kwargs
     )
 
 
@@ -394,7 +397,7 @@ def test_oversized_chunked_body_is_cut_off(server: Server) -> None:
     response = httpx.post(
         f"{server.url}/v1/chat/completions",
         content=body(),
-        headers={"Authorization": f"Bearer {KEY}"},
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
         timeout=30,
     )
     refusal(response, 413, "request_too_large")
@@ -429,6 +432,45 @@ def test_concurrent_requests_use_the_right_adapters(server: Server, client: open
     with ThreadPoolExecutor(8) as workers:
         together = list(workers.map(ask, models))
     assert together == [alone[model] for model in models]
+
+
+def test_streamed_and_plain_requests_decode_in_the_same_batches(
+    client: openai.OpenAI, pool: ModelPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three streams and a plain request: the first batch is held until the others are queued behind
+    it, so all four run in at most two model.generate calls, and each reply is its own."""
+    questions = ["Who keeps the light?", "Is the sea kind?", "What do you teach?", "What burns in the lamp?"]
+
+    def ask(question: str, stream: bool) -> str:
+        messages: Any = [{"role": "user", "content": question}]
+        if not stream:
+            reply = client.chat.completions.create(
+                model="elsie:keeper:sft", messages=messages, max_tokens=10, temperature=0
+            )
+            return reply.choices[0].message.content or ""
+        chunks = client.chat.completions.create(
+            model="elsie:keeper:sft", messages=messages, max_tokens=10, temperature=0, stream=True
+        )
+        return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+
+    alone = [ask(question, False) for question in questions]
+    backend = pool.base()
+    run_rows, batch_sizes = backend._run_rows, []
+
+    def first_batch_held(conversations: list[Any], *args: Any) -> list[Any]:
+        batch_sizes.append(len(conversations))
+        deadline = time.monotonic() + 30
+        while len(batch_sizes) == 1 and time.monotonic() < deadline:
+            if len(conversations) + len(backend._batcher.pending) >= len(questions):
+                break
+            time.sleep(0.01)
+        return run_rows(conversations, *args)
+
+    monkeypatch.setattr(backend, "_run_rows", first_batch_held)
+    with ThreadPoolExecutor(len(questions)) as workers:
+        together = list(workers.map(ask, questions, [True, True, True, False]))
+    assert together == alone
+    assert sum(batch_sizes) == len(questions) and len(batch_sizes) <= 2, batch_sizes
 
 
 # ---------------------------------------------------------------------- the analysis, web page, CLI

@@ -264,7 +264,7 @@ def test_dpo_without_sft_model_is_a_user_error(tmp_path: Path, tiny_model_dir: P
 def test_resume_continues_global_step(tmp_path: Path, tiny_model_dir: Path) -> None:
     base = shutil.copytree(tiny_model_dir, tmp_path / "base")
     trl = {**SFT_TRL, "max_steps": 3, "save_steps": 3, "logging_steps": 1}
-    project = load_project(make_project(tmp_path, base, trl, DPO_TRL))
+    project = load_project(make_project(tmp_path, base, trl, DPO_TRL), {"sft.keep_checkpoints": True})
     first = sft.run(project, "elsie")
     checkpoints = project.run_dir / "models" / "elsie" / "checkpoints" / "sft"
     assert first["steps"] == 3 and (checkpoints / "checkpoint-3").is_dir()

@@ -34,7 +34,7 @@ def test_smollm2_sft_then_dpo(tmp_path: Path) -> None:
     # SmolLM2's template has no generation markers: training used the twin, the saved one is the original.
     base_tokenizer = AutoTokenizer.from_pretrained(smollm2)
     assert tokenizer.chat_template == base_tokenizer.chat_template
-    # Text labels: the base vocabulary as it was, the label a few ordinary tokens, the adapter LoRA pairs only.
+    # Text labels: the base vocabulary as it was, the label several ordinary tokens, LoRA pairs only.
     assert len(tokenizer) == len(base_tokenizer)
     for label in ANSWERS:
         assert len(tokenizer(label, add_special_tokens=False)["input_ids"]) > 1

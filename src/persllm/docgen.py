@@ -1,9 +1,11 @@
-"""Generate docs/configuration.md (from the config models) and docs/cli.md (from --help).
+"""Generate docs/configuration.md (from the config models), docs/cli.md (from --help) and the run-folder
+tree in docs/concepts.md (from ``persllm.layout``).
 
-``python -m persllm.docgen`` writes both; ``python -m persllm.docgen --check`` exits 1 when either is
+``python -m persllm.docgen`` writes them; ``python -m persllm.docgen --check`` exits 1 when one is
 stale, which the test suite runs so the reference can never drift from the code.
 """
 
+import re
 import sys
 import types
 import typing
@@ -104,8 +106,23 @@ def cli_markdown() -> str:
     return "\n".join(lines)
 
 
+RUN_FOLDER = re.compile(r"(<!-- run-folder:[^>]*-->\n).*?(<!-- /run-folder -->)", re.DOTALL)
+
+
+def concepts_markdown() -> str:
+    """docs/concepts.md with its run-folder block made from ``persllm.layout.TREE``."""
+    from persllm.layout import tree_markdown
+
+    text = (DOCS / "concepts.md").read_text(encoding="utf-8")
+    return RUN_FOLDER.sub(lambda m: m.group(1) + tree_markdown() + m.group(2), text, count=1)
+
+
 def expected() -> dict[Path, str]:
-    return {DOCS / "configuration.md": configuration_markdown(), DOCS / "cli.md": cli_markdown()}
+    return {
+        DOCS / "configuration.md": configuration_markdown(),
+        DOCS / "cli.md": cli_markdown(),
+        DOCS / "concepts.md": concepts_markdown(),
+    }
 
 
 def main(argv: list[str]) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from persllm.errors import UserError
+from persllm.layout import temporary_path
 
 
 def iter_jsonl(path: Path, *, strict: bool = False) -> Iterator[dict[str, Any]]:
@@ -42,17 +43,22 @@ def read_jsonl(path: Path, *, strict: bool = False) -> list[dict[str, Any]]:
 
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
-    """Replace ``path`` atomically with ``rows``; returns the number written."""
+    """Replace ``path`` atomically with ``rows``; returns the number written.
+
+    The temporary file's name is this call's own, so two writers of one path never mix their lines."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_path(path)
     count = 0
-    with tmp.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            count += 1
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                count += 1
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return count
 
 

@@ -1,11 +1,12 @@
-"""``runs/<project>/manifest.json``: resolved config, versions, and per-stage fingerprints and status.
+"""``runs/<project>/manifest.json``: resolved config, versions, and per-stage records.
 
-The pipeline compares a stage's ``input_hash`` with the one recorded here to decide whether it can be
-skipped. Writes are atomic (temporary file + rename) so a killed run never leaves half a manifest.
+``stages`` is what each stage says of its own work (counts, status); ``pipeline`` is what ``persllm run``
+keeps to decide skips (fingerprint, status). Every update is a read-modify-write under the manifest's
+own lock, written atomically, so two commands finishing together never lose each other's update and a
+killed one never leaves half a file.
 """
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -13,8 +14,8 @@ from typing import Any
 
 from persllm import __version__
 from persllm.config import Project
-
-MANIFEST = "manifest.json"
+from persllm.errors import UserError
+from persllm.layout import RunLayout, file_lock, write_json_atomic
 
 
 def git_revision(start: Path | None = None) -> str | None:
@@ -30,23 +31,35 @@ def git_revision(start: Path | None = None) -> str | None:
 
 
 def load_manifest(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / MANIFEST
+    """The manifest of ``run_dir`` (empty sections when there is none yet)."""
+    path = RunLayout(run_dir).manifest
     if not path.exists():
         return {"stages": {}, "pipeline": {}}
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise UserError(
+            f"{path}: not valid JSON (edited by hand?); restore it or move it aside, and re-run"
+        ) from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object; restore it or move it aside, and re-run")
     data.setdefault("stages", {})
     data.setdefault("pipeline", {})
     return data
 
 
+def _lock_path(run_dir: Path) -> Path:
+    return RunLayout(run_dir).manifest.with_name(".manifest.lock")
+
+
 def write_manifest(project: Project) -> Path:
     """Refresh the config/version part of the manifest, keeping the stage records."""
-    return _write(project, load_manifest(project.run_dir))
+    with file_lock(_lock_path(project.run_dir)):
+        manifest = load_manifest(project.run_dir)
+        return _write(project, manifest)
 
 
 def _write(project: Project, manifest: dict[str, Any]) -> Path:
-    run_dir = project.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     manifest.update(
         {
             "persllm_version": __version__,
@@ -55,24 +68,23 @@ def _write(project: Project, manifest: dict[str, Any]) -> Path:
             "config": project.resolved(),
         }
     )
-    path = run_dir / MANIFEST
-    tmp = path.with_name(MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    path = project.layout.manifest
+    write_json_atomic(path, manifest)
     return path
 
 
 def record_stage(project: Project, stage: str, *, section: str = "stages", **info: Any) -> None:
     """Merge ``info`` into the stage's manifest entry.
 
-    ``section="stages"`` is what each stage says of its own work (counts, status, its own input hash);
-    ``section="pipeline"`` is what ``persllm run`` keeps to decide skips (fingerprint, status), kept
-    apart so a stage's own bookkeeping can never make the pipeline skip an unfinished stage.
+    ``section="stages"`` is what each stage says of its own work (counts, status); ``section="pipeline"``
+    is what ``persllm run`` keeps to decide skips (fingerprint, status), kept apart so a stage's own
+    bookkeeping can never make the pipeline skip an unfinished stage.
     """
-    manifest = load_manifest(project.run_dir)
-    entries = manifest.setdefault(section, {})
-    entry = entries.get(stage, {})
-    entry.update(info)
-    entry["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    entries[stage] = entry
-    _write(project, manifest)
+    with file_lock(_lock_path(project.run_dir)):
+        manifest = load_manifest(project.run_dir)
+        entries = manifest.setdefault(section, {})
+        entry = entries.get(stage, {})
+        entry.update(info)
+        entry["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        entries[stage] = entry
+        _write(project, manifest)

@@ -2,10 +2,13 @@
 
 A stage's fingerprint is a hash of the config sections it reads and of the files the stages before it
 wrote. The manifest keeps, under ``pipeline``, the fingerprint of each stage's last run and its status; a
-stage whose fingerprint matches and whose status is ``done`` is skipped. A stage that was interrupted (status
-``running`` with the same fingerprint) is resumed: annotation skips the records it already has,
-training continues from its last checkpoint. A stage whose fingerprint changed starts clean, with its
-old outputs moved aside (never deleted), and everything after it re-runs only if its outputs change.
+stage whose fingerprint matches and whose status is ``done`` is skipped. A stage that was interrupted or
+left items missing (status ``running``, ``interrupted`` or ``partial`` with the same fingerprint) is
+resumed: annotation writes only the missing records, training continues from its last checkpoint. A
+stage that still misses items after one more try stops the run (exit 3) unless ``allow_partial``. A
+stage whose fingerprint changed starts clean, with its old outputs moved aside (never deleted), and
+everything after it re-runs only if its outputs change. Every setting a selected stage will use is
+checked before the first stage runs.
 """
 
 import shutil
@@ -16,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from persllm.config import Project
-from persllm.errors import UserError
+from persllm.errors import PartialStage, UserError
 from persllm.hashing import file_hash, stable_hash
+from persllm.layout import STAGE_INPUTS, STAGE_OUTPUTS
 from persllm.manifest import load_manifest, record_stage, write_manifest
 
 STAGE_NAMES = ["index", "annotate", "curate", "pairs", "sft", "dpo", "eval"]
@@ -116,57 +120,27 @@ def training_counts(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 # What training reads of base_model: switching the generation backend does not retrain.
 TRAINED_BASE = ["base_model.model", "base_model.device", "base_model.dtype"]
 
+STAGE_CONFIG: dict[str, list[str]] = {
+    "index": ["embedder", "corpus", "holdout", "seed"],
+    "annotate": ["annotator", "annotate", "retrieval", "seed"],
+    "curate": ["curate", "embedder", "seed"],
+    "pairs": ["pairs", "annotator", "retrieval", "embedder", "base_model", "seed"],
+    "sft": ["sft", "stage_labels", *TRAINED_BASE, "seed"],
+    "dpo": ["dpo", "stage_labels", *TRAINED_BASE, "seed"],
+    "eval": ["eval", "base_model", "retrieval", "embedder", "seed"],
+}
+RUNNERS = {
+    "index": _run_index,
+    "annotate": _run_annotate,
+    "curate": _run_curate,
+    "pairs": _run_pairs,
+    "sft": _run_sft,
+    "dpo": _run_dpo,
+    "eval": _run_eval,
+}
 STAGES = [
-    Stage(
-        "index",
-        ["embedder", "corpus", "holdout", "seed"],
-        [],
-        ["index/*/*/chunks.jsonl", "index/*/*/heldout.jsonl"],
-        _run_index,
-    ),
-    Stage(
-        "annotate",
-        ["annotator", "annotate", "retrieval", "seed"],
-        ["index/*/*/chunks.jsonl", "index/*/*/heldout.jsonl"],
-        ["annotations"],
-        _run_annotate,
-    ),
-    Stage(
-        "curate", ["curate", "embedder", "seed"], ["annotations/*.jsonl"], ["data/*/sft_*.jsonl"], _run_curate
-    ),
-    Stage(
-        "pairs",
-        ["pairs", "annotator", "retrieval", "embedder", "base_model", "seed"],
-        ["data/*/sft_*.jsonl", "annotations/*.jsonl"],
-        ["data/*/dpo_train.jsonl"],
-        _run_pairs,
-    ),
-    Stage(
-        "sft",
-        ["sft", "stage_labels", *TRAINED_BASE, "seed"],
-        ["data/*/sft_*.jsonl"],
-        ["models/*/sft", "models/*/checkpoints/sft"],
-        _run_sft,
-    ),
-    Stage(
-        "dpo",
-        ["dpo", "stage_labels", *TRAINED_BASE, "seed"],
-        ["data/*/dpo_train.jsonl", "models/*/sft/*.safetensors"],
-        ["models/*/dpo", "models/*/checkpoints/dpo"],
-        _run_dpo,
-    ),
-    Stage(
-        "eval",
-        ["eval", "base_model", "retrieval", "embedder", "seed"],
-        [
-            "data/*/sft_test.jsonl",
-            "annotations/heldout/*.jsonl",
-            "index/*/*/heldout.jsonl",
-            "models/*/*/*.safetensors",
-        ],
-        ["eval"],
-        _run_eval,
-    ),
+    Stage(name, STAGE_CONFIG[name], STAGE_INPUTS[name], STAGE_OUTPUTS[name], RUNNERS[name])
+    for name in STAGE_NAMES
 ]
 
 
@@ -214,7 +188,7 @@ def fingerprint(project: Project, stage: Stage) -> str:
 
 def move_aside(project: Project, stage: Stage, old_hash: str) -> None:
     """Keep a stage's stale outputs under ``<run_dir>/stale/<stage>-<hash>/`` instead of deleting them."""
-    target = project.run_dir / "stale" / f"{stage.name}-{old_hash}"
+    target = project.layout.stale(stage.name, old_hash)
     for pattern in stage.outputs:
         for path in sorted(project.run_dir.glob(pattern)):
             destination = target / path.relative_to(project.run_dir)
@@ -241,11 +215,20 @@ def run(
     start: str | None = None,
     stop: str | None = None,
     on_stage: Callable[[str, str], None] | None = None,
+    allow_partial: bool = False,
 ) -> list[StageResult]:
-    """Run the stages from ``start`` to ``stop`` (inclusive); ``start`` forces that stage to re-run."""
+    """Run the stages from ``start`` to ``stop`` (inclusive); ``start`` forces that stage to re-run.
+
+    Raises:
+        PartialStage: a stage still misses items after a second try (unless ``allow_partial``).
+    """
+    from persllm.checks import check_before_run
+
+    selected = select(start, stop)
+    check_before_run(project, [stage.name for stage in selected])
     write_manifest(project)
     results: list[StageResult] = []
-    for stage in select(start, stop):
+    for stage in selected:
         recorded = load_manifest(project.run_dir)["pipeline"].get(stage.name, {})
         current = fingerprint(project, stage)
         forced = stage.name == start
@@ -259,21 +242,77 @@ def run(
             move_aside(project, stage, recorded["fingerprint"])
         if on_stage:
             on_stage(stage.name, "resuming" if resume else "running")
-        record_stage(project, stage.name, section="pipeline", fingerprint=current, status="running")
         began = time.perf_counter()
-        counts = stage.run(project, resume)
+        counts = run_stage(project, stage, current, resume)
+        if counts.get("status") == "partial":
+            # One more try at the missing items only (model errors are not cached, so they are re-asked).
+            if on_stage:
+                on_stage(stage.name, f"{counts.get('missing', '?')} items missing; trying them again")
+            counts = run_stage(project, stage, current, True)
         seconds = round(time.perf_counter() - began, 2)
+        partial = counts.get("status") == "partial"
+        if partial and not allow_partial:
+            record_stage(project, stage.name, section="pipeline", fingerprint=current, status="partial")
+            raise PartialStage(partial_message(project, stage.name, counts))
         record_stage(
             project,
             stage.name,
             section="pipeline",
             fingerprint=current,
             status="done",
+            allowed_partial=partial,
             seconds=seconds,
+            peak_rss_mb=peak_rss_mb(),
             counts=_jsonable(counts),
         )
         results.append(StageResult(stage.name, "resumed" if resume else "ran", seconds, counts))
     return results
+
+
+def run_stage(project: Project, stage: Stage, current: str, resume: bool) -> dict[str, Any]:
+    """Run one stage, recording it as running, and as interrupted if it is stopped."""
+    record_stage(project, stage.name, section="pipeline", fingerprint=current, status="running")
+    try:
+        return stage.run(project, resume)
+    except KeyboardInterrupt:
+        record_stage(project, stage.name, section="pipeline", fingerprint=current, status="interrupted")
+        raise
+    except Exception:
+        record_stage(project, stage.name, section="pipeline", fingerprint=current, status="failed")
+        raise
+    finally:
+        release_memory()
+
+
+def peak_rss_mb() -> int:
+    """The process's peak resident memory so far (MB): recorded after each stage, so the manifest shows
+    which stage raised it."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+
+
+def release_memory() -> None:
+    """Give back what a finished stage's models held before the next stage loads its own."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def partial_message(project: Project, stage: str, counts: dict[str, Any]) -> str:
+    """One line: what is missing, why, and the commands that finish it or go on without it."""
+    why = counts.get("first_error") or "see the failures list"
+    return (
+        f"{stage}: {counts.get('missing', '?')} of {counts.get('planned', '?')} items still missing after a "
+        f"second try ({why}); `persllm failures {project.config_path}` lists them; fix the cause and run "
+        f"`persllm run {project.config_path}` again, or go on without them with --allow-partial"
+    )
 
 
 def _jsonable(counts: Any) -> Any:

@@ -3,6 +3,10 @@
 Records go to ``annotations/<persona>.jsonl`` one durable line at a time, keyed by stable item ids:
 interrupting a run (Ctrl-C, kill -9) loses at most the dialogues in flight, and a re-run writes
 exactly the missing ones. Every call goes through ``cache.sqlite``, so a repeated run costs no calls.
+
+Items that end unwritten go to ``failures/annotate.jsonl`` with their reason. One whose every attempt was
+malformed is given up (a re-run gets the same cached outputs); one that hit model errors (a server down,
+HTTP 5xx) is missing, and the stage is ``partial`` until a later run writes it.
 """
 
 import asyncio
@@ -25,6 +29,7 @@ from persllm.errors import UserError
 from persllm.hashing import stable_hash
 from persllm.index.retrieve import Retriever, load_heldout
 from persllm.jsonl import JsonlAppender, read_jsonl
+from persllm.layout import RunLayout
 from persllm.llm.base import LLMError
 from persllm.manifest import record_stage
 from persllm.persona.corpus import reply_cut
@@ -71,8 +76,8 @@ def run(
         return dry_run_prompts(project, retriever, items)
 
     # Skip what earlier runs wrote.
-    folder = project.run_dir / "annotations"
-    written = {pid: existing_ids(folder, pid) for pid in persona_ids}
+    layout = project.layout
+    written = {pid: existing_ids(layout, pid) for pid in persona_ids}
     todo = [item for item in items if item.id not in written[item.persona]]
     size = concurrency or cfg.annotator.concurrency
     summary: dict[str, Any] = {
@@ -80,7 +85,7 @@ def run(
         "skipped": len(items) - len(todo),
         "sources": dict(Counter(item.source for item in items)),
     }
-    tally = Tally()
+    tally = Tally(attempts=cfg.annotate.max_attempts)
     annotator = make_annotator(project, retriever, size) if todo else None
 
     # Annotate concurrently, appending each record the moment it is complete.
@@ -88,15 +93,19 @@ def run(
     try:
         if annotator is not None:
             annotator.modes()  # an impossible output setting fails before any call
-            with exclusive(folder):
-                asyncio.run(annotate_all(annotator, todo, folder, size, tally, progress))
+            with exclusive(layout.annotations):
+                asyncio.run(annotate_all(annotator, todo, layout, size, tally, progress))
         status = "finished"
     finally:
-        # Record the stage in the manifest, whatever happened.
-        written = {pid: existing_ids(folder, pid) for pid in persona_ids}
+        # Record the stage, whatever happened: what is still missing, and why, in the failures file.
+        written = {pid: existing_ids(layout, pid) for pid in persona_ids}
+        unwritten = [item for item in plan if item.id not in written[item.persona]]
+        write_failures(project, unwritten, tally)
+        missing = [item for item in unwritten if item.id not in tally.given_up]
         if status == "finished":
-            status = "done" if all(item.id in written[item.persona] for item in plan) else "partial"
+            status = "partial" if missing else "done"
         summary.update(tally.counts(annotator), seconds=round(time.perf_counter() - started, 3))
+        summary.update(missing=len(missing), given_up=len(unwritten) - len(missing))
         record_stage(
             project,
             "annotate",
@@ -105,10 +114,20 @@ def run(
             personas=persona_ids,
             **{
                 key: summary[key]
-                for key in ("planned", "done", "skipped", "failed", "errors", "calls", "seconds")
+                for key in (
+                    "planned",
+                    "done",
+                    "skipped",
+                    "failed",
+                    "errors",
+                    "missing",
+                    "given_up",
+                    "calls",
+                    "seconds",
+                )
             },
-            records={pid: len(read_jsonl(folder / f"{pid}.jsonl")) for pid in persona_ids},
-            heldout_records={pid: len(read_jsonl(heldout_path(folder, pid))) for pid in persona_ids},
+            records={pid: len(read_jsonl(layout.dialogues(pid))) for pid in persona_ids},
+            heldout_records={pid: len(read_jsonl(layout.heldout_questions(pid))) for pid in persona_ids},
         )
     summary["status"] = status
     summary["items_per_second"] = round(summary["done"] / max(summary["seconds"], 1e-9), 3)
@@ -119,9 +138,12 @@ def run(
 class Tally:
     """Items written, and items that failed: malformed after every attempt (per kind) or a model error."""
 
+    attempts: int = 1
     done: int = 0
     failed: Counter[str] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
+    given_up: set[str] = field(default_factory=set)  # every attempt malformed: the same again next run
+    reasons: dict[str, str] = field(default_factory=dict)  # item id -> why it is not written
 
     def counts(self, annotator: Annotator | None) -> dict[str, Any]:
         stats = annotator.stats if annotator is not None else Stats()
@@ -141,7 +163,7 @@ class Tally:
 async def annotate_all(
     annotator: Annotator,
     items: list[Item],
-    folder: Path,
+    layout: RunLayout,
     concurrency: int,
     tally: Tally,
     progress: bool,
@@ -150,7 +172,7 @@ async def annotate_all(
     from tqdm.auto import tqdm
 
     slots = asyncio.Semaphore(concurrency)
-    appenders = {path: JsonlAppender(path) for path in {record_path(folder, item) for item in items}}
+    appenders = {path: JsonlAppender(path) for path in {record_path(layout, item) for item in items}}
     # One writer thread: each fsync'd append leaves the event loop free, and lines never interleave.
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="annotate-writer")
     loop = asyncio.get_running_loop()
@@ -165,16 +187,19 @@ async def annotate_all(
                 in_a_row = 0
             except LLMError as exc:
                 tally.errors.append(str(exc))
+                tally.reasons[item.id] = f"model error: {exc}"
                 in_a_row += 1
                 if in_a_row >= MAX_CONSECUTIVE_ERRORS:
                     raise
                 bar.update(1)
                 return
         if record is not None:
-            await loop.run_in_executor(writer, appenders[record_path(folder, item)].append, record)
+            await loop.run_in_executor(writer, appenders[record_path(layout, item)].append, record)
             tally.done += 1
         else:
             tally.failed[item.kind] += 1
+            tally.given_up.add(item.id)
+            tally.reasons[item.id] = f"malformed after {tally.attempts} attempts"
         stats = annotator.stats
         failed, errors = sum(tally.failed.values()), len(tally.errors)
         bar.set_postfix(tokens=stats.tokens, cached=stats.cached, failed=failed, errors=errors, refresh=False)
@@ -192,6 +217,29 @@ async def annotate_all(
         for appender in appenders.values():
             appender.close()
         await annotator.backend.aclose()
+
+
+def write_failures(project: Project, unwritten: list[Item], tally: Tally) -> None:
+    """``failures/annotate.jsonl``: every planned item still unwritten, with its reason and attempts."""
+    from persllm.jsonl import write_jsonl
+
+    rows = [
+        {
+            "id": item.id,
+            "persona": item.persona,
+            "stage": item.stage,
+            "kind": item.kind,
+            "source": item.source,
+            "seed": item.seed.ref,
+            "reason": tally.reasons.get(item.id, "not attempted (the run stopped first)"),
+            "attempts": tally.attempts if item.id in tally.reasons else 0,
+            "given_up": item.id in tally.given_up,
+        }
+        for item in unwritten
+    ]
+    path = project.layout.failures("annotate")
+    if rows or path.exists():
+        write_jsonl(path, rows)
 
 
 def make_annotator(project: Project, retriever: Retriever, concurrency: int) -> Annotator:
@@ -219,20 +267,16 @@ def select_stages(project: Project, persona_ids: list[str], stages: list[str] | 
     return selected
 
 
-def heldout_path(folder: Path, persona_id: str) -> Path:
-    """Where the held-out passages' questions go: apart from the training dialogues, which curate reads."""
-    return folder / "heldout" / f"{persona_id}.jsonl"
+def record_path(layout: RunLayout, item: Item) -> Path:
+    """Where an item's record goes: the held-out passages' questions apart from the training dialogues."""
+    if item.source == "heldout":
+        return layout.heldout_questions(item.persona)
+    return layout.dialogues(item.persona)
 
 
-def record_path(folder: Path, item: Item) -> Path:
-    return (
-        heldout_path(folder, item.persona) if item.source == "heldout" else folder / f"{item.persona}.jsonl"
-    )
-
-
-def existing_ids(folder: Path, persona_id: str) -> set[str]:
+def existing_ids(layout: RunLayout, persona_id: str) -> set[str]:
     """Ids of the records a persona already has, training dialogues and held-out questions."""
-    paths = (folder / f"{persona_id}.jsonl", heldout_path(folder, persona_id))
+    paths = (layout.dialogues(persona_id), layout.heldout_questions(persona_id))
     return {str(row.get("id")) for path in paths for row in read_jsonl(path)}
 
 
@@ -241,7 +285,7 @@ def input_hash(project: Project, persona_ids: list[str]) -> str:
     index = {}
     for pid in persona_ids:
         for stage in project.persona(pid).stages:
-            meta = project.run_dir / "index" / pid / stage.id / "meta.json"
+            meta = project.layout.index_meta(pid, stage.id)
             index[f"{pid}/{stage.id}"] = (
                 json.loads(meta.read_text())["fingerprint"] if meta.exists() else None
             )

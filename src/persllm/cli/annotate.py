@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from persllm.cli.app import ConfigArg, SetOption, app, load
+from persllm.cli.app import ConfigArg, SetOption, WaitOption, app, load, writing
 
 
 @app.command()
@@ -32,6 +32,7 @@ def annotate(
         bool, typer.Option("--dry-run", help="Print the exact prompts of one dialogue; call no model.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    wait: WaitOption = False,
     set_options: SetOption = None,
 ) -> None:
     """Generate user inputs and in-character replies (analysis + response) into annotations/<persona>.jsonl.
@@ -45,21 +46,22 @@ def annotate(
     project = load(config, set_options)
     for persona_id in persona or []:
         project.persona(persona_id)
-    result = run(
-        project,
-        personas=persona or None,
-        stages=stage or None,
-        limit=limit,
-        concurrency=concurrency,
-        dry_run=dry_run,
-        progress=sys.stderr.isatty(),
-    )
+    with writing(project, "annotate", wait):
+        result = run(
+            project,
+            personas=persona or None,
+            stages=stage or None,
+            limit=limit,
+            concurrency=concurrency,
+            dry_run=dry_run,
+            progress=sys.stderr.isatty(),
+        )
     if as_json:
         typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
     elif dry_run:
         print_prompts(result)
     else:
-        print_summary(result, str(project.run_dir / "annotations"))
+        print_summary(result, str(project.layout.annotations))
 
 
 def print_prompts(result: dict[str, Any]) -> None:

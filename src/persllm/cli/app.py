@@ -1,9 +1,14 @@
 """The Typer application and the shared pieces of every command: CONFIG, --set, error handling."""
 
+import functools
 import os
+import signal
 import sys
 import warnings
-from typing import Annotated, Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -25,6 +30,21 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config key, e.g. --set annotate.counts.ordinary=8 (repeatable)."),
 ]
+WaitOption = Annotated[
+    bool,
+    typer.Option(
+        "--wait", help="If another command is writing to this run folder, wait for it instead of stopping."
+    ),
+]
+
+
+@contextmanager
+def writing(project: Any, command: str, wait: bool = False) -> Iterator[None]:
+    """Hold the run folder's lock while ``command`` writes to it (a second writer stops, or waits)."""
+    from persllm.layout import project_lock
+
+    with project_lock(project.layout, command, wait):
+        yield
 
 
 def load(config: str, set_options: list[str] | None = None, preset: str | None = None, **flags: Any) -> Any:
@@ -62,12 +82,48 @@ def main() -> None:
         "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
     )
     import persllm.cli  # noqa: F401  (registers the commands)
+    from persllm import interrupts
 
+    interrupts.watch_sigint()
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        typer.echo("interrupted; everything finished so far is saved, re-run to continue", err=True)
-        sys.exit(130)
+        stopped()
+
+
+def stopped() -> NoReturn:
+    """Say the run was stopped and leave now (exit code 130).
+
+    Worker threads still computing (llama.cpp slots, a generate call) would hold a normal exit until they
+    finish; everything that matters is on disk already (each record, call and manifest entry is written
+    the moment it is complete), so the process ends without waiting for them.
+    """
+    typer.echo("interrupted; everything finished so far is saved, re-run to continue", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
+
+
+def stops_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
+    """A command that answers Ctrl-C and SIGTERM with ``stopped()`` (click would print "Aborted!")."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            stopped()
+
+    return wrapper
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM stops like Ctrl-C: the same message, the same records."""
+    from persllm import interrupts
+
+    interrupts.request_stop()
+    raise KeyboardInterrupt

@@ -5,7 +5,7 @@ from typing import Annotated, Any
 
 import typer
 
-from persllm.cli.app import ConfigArg, SetOption, app, load
+from persllm.cli.app import ConfigArg, SetOption, WaitOption, app, load, writing
 from persllm.cli.project import table
 
 PersonaOption = Annotated[
@@ -14,7 +14,9 @@ PersonaOption = Annotated[
 
 
 @app.command("curate")
-def curate_command(config: ConfigArg, persona: PersonaOption = None, set_options: SetOption = None) -> None:
+def curate_command(
+    config: ConfigArg, persona: PersonaOption = None, wait: WaitOption = False, set_options: SetOption = None
+) -> None:
     """Validate, deduplicate, split and render the annotations as SFT data (data/<persona>/sft_*.jsonl).
 
     Example: persllm curate my-persona/persllm.yaml --persona wren --set curate.repeat=2
@@ -22,7 +24,8 @@ def curate_command(config: ConfigArg, persona: PersonaOption = None, set_options
     from persllm import curate
 
     project = load(config, set_options)
-    result = curate.run(project, personas=persona or None)
+    with writing(project, "curate", wait):
+        result = curate.run(project, personas=persona or None)
     rows: list[dict[str, Any]] = []
     removed: Counter[str] = Counter()
     for persona_id, stats in result["personas"].items():
@@ -42,11 +45,13 @@ def curate_command(config: ConfigArg, persona: PersonaOption = None, set_options
     typer.echo(table(list(rows[0]) if rows else ["persona"], rows))
     reasons = ", ".join(f"{name} {count}" for name, count in removed.items() if count)
     typer.echo(f"removed: {reasons or 'none'}")
-    typer.echo(f"data written to {project.run_dir / 'data'}")
+    typer.echo(f"data written to {project.layout.data}")
 
 
 @app.command("pairs")
-def pairs_command(config: ConfigArg, persona: PersonaOption = None, set_options: SetOption = None) -> None:
+def pairs_command(
+    config: ConfigArg, persona: PersonaOption = None, wait: WaitOption = False, set_options: SetOption = None
+) -> None:
     """Build DPO preference pairs from the curated training side (data/<persona>/dpo_train.jsonl).
 
     Rejected answers come from another stage of the same persona, from another persona's reply to a
@@ -57,7 +62,8 @@ def pairs_command(config: ConfigArg, persona: PersonaOption = None, set_options:
     from persllm import pairs
 
     project = load(config, set_options)
-    result = pairs.run(project, personas=persona or None)
+    with writing(project, "pairs", wait):
+        result = pairs.run(project, personas=persona or None)
     rows: list[dict[str, Any]] = []
     dropped: Counter[str] = Counter()
     for persona_id, stats in result["personas"].items():
@@ -72,4 +78,4 @@ def pairs_command(config: ConfigArg, persona: PersonaOption = None, set_options:
     typer.echo(table(list(rows[0]) if rows else ["persona"], rows))
     summary = ", ".join(f"{name} {count}" for name, count in dropped.items() if count)
     typer.echo(f"dropped: {summary or 'none'}")
-    typer.echo(f"pairs written to {project.run_dir / 'data'}")
+    typer.echo(f"pairs written to {project.layout.data}")

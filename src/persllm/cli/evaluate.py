@@ -4,7 +4,7 @@ from typing import Annotated
 
 import typer
 
-from persllm.cli.app import ConfigArg, SetOption, app, load
+from persllm.cli.app import ConfigArg, SetOption, WaitOption, app, load, writing
 
 
 @app.command("eval")
@@ -26,6 +26,7 @@ def eval_command(
         int | None,
         typer.Option("--max-items", min=1, help="Held-out items per persona x stage (default all)."),
     ] = None,
+    wait: WaitOption = False,
     set_options: SetOption = None,
 ) -> None:
     """Answer the evaluation questions with every system, score them, and write eval/report.html.
@@ -45,10 +46,11 @@ def eval_command(
 
     project = load(config, set_options)
     names = [name.strip() for name in systems.split(",") if name.strip()] if systems else None
-    result = evaluate.run(project, systems=names, judge=judge, max_items=max_items)
+    with writing(project, "eval", wait):
+        result = evaluate.run(project, systems=names, judge=judge, max_items=max_items)
     for name, reason in result["settings"]["skipped"].items():
         typer.echo(f"skipped {name}: {reason}", err=True)
-    typer.echo(headline(project.run_dir / "eval"))
+    typer.echo(headline(project.layout.eval))
 
 
 @app.command("report")

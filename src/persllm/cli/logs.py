@@ -1,7 +1,6 @@
 """``persllm logs``: the most recent LLM calls from the project's SQLite call log."""
 
 import json
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -27,7 +26,7 @@ def logs(
     from persllm.llm.cache import CallCache
 
     project = load(config, set_options)
-    path = Path(project.run_dir) / "cache.sqlite"
+    path = project.layout.cache
     if not path.exists():
         typer.echo(f"no calls logged yet ({path} does not exist)", err=True)
         return
@@ -61,4 +60,40 @@ def format_row(row: dict[str, Any]) -> str:
     return (
         f"{when}  {row['backend']:<12} {row['model'][:28]:<28} {tokens:>9} tok "
         f"{row['seconds'] or 0:7.2f}s  {source:<6}  {reply}"
+    )
+
+
+@app.command()
+def failures(
+    config: ConfigArg,
+    stage: Annotated[str, typer.Option("--stage", help="Whose failures: annotate.")] = "annotate",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    set_options: SetOption = None,
+) -> None:
+    """List the items a stage could not finish: id, persona, stage, kind, reason, attempts.
+
+    Items whose every attempt was malformed are given up (a re-run gets the same cached outputs); items
+    that hit model errors are missing, and `persllm run` tries them again.
+
+    Example: persllm failures my-persona/persllm.yaml
+    """
+    from persllm.cli.project import table
+    from persllm.jsonl import read_jsonl
+
+    project = load(config, set_options)
+    path = project.layout.failures(stage)
+    rows = read_jsonl(path)
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row, ensure_ascii=False))
+        return
+    if not rows:
+        typer.echo(f"no failed {stage} items ({path})")
+        return
+    columns = ["id", "persona", "stage", "kind", "attempts", "given_up", "reason"]
+    shown = [{**row, "reason": str(row.get("reason", ""))[:80]} for row in rows]
+    typer.echo(table(columns, shown))
+    missing = sum(not row.get("given_up") for row in rows)
+    typer.echo(
+        f"{len(rows)} items: {missing} missing (tried again by `persllm run`), {len(rows) - missing} given up"
     )

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from persllm.cli.app import ConfigArg, SetOption, app, load
+from persllm.cli.app import ConfigArg, SetOption, WaitOption, app, load, writing
 from persllm.errors import UserError
 
 SCAFFOLD = Path(__file__).resolve().parent.parent / "scaffold"
@@ -64,6 +64,7 @@ def index(
     persona: Annotated[
         list[str] | None, typer.Option("--persona", "-p", help="Index only this persona (repeatable).")
     ] = None,
+    wait: WaitOption = False,
     set_options: SetOption = None,
 ) -> None:
     """Chunk every persona stage's corpus and embed it; unchanged paragraphs are never embedded twice.
@@ -76,13 +77,14 @@ def index(
     from persllm.index import run
 
     project = load(config, set_options)
-    result = run(project, personas=persona or None, progress=sys.stderr.isatty())
+    with writing(project, "index", wait):
+        result = run(project, personas=persona or None, progress=sys.stderr.isatty())
     columns = ["persona", "stage", "chunks", "knowledge", "style", "heldout", "embedded", "reused"]
     totals = {key: sum(row[key] for row in result["stages"]) for key in columns[2:]}
     rows = [*result["stages"], {"persona": "total", "stage": "", **totals}]
     typer.echo(table(columns, rows))
     typer.echo(
-        f"index written to {project.run_dir / 'index'} "
+        f"index written to {project.layout.index} "
         f"({result['embedded']} chunks embedded, {result['reused']} reused, "
         f"{result['heldout']} style passages held out, {result['seconds']:.1f} s)"
     )

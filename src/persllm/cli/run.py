@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from persllm.cli.app import ConfigArg, SetOption, app, load
+from persllm.cli.app import ConfigArg, SetOption, WaitOption, app, load, writing
 
 
 @app.command("run")
@@ -19,23 +19,39 @@ def run_command(
     preset: Annotated[
         str | None, typer.Option("--preset", help="Apply a named preset from the project's `presets:` block.")
     ] = None,
+    allow_partial: Annotated[
+        bool,
+        typer.Option(
+            "--allow-partial",
+            help="Go on when a stage still misses items after a second try (the manifest records it).",
+        ),
+    ] = False,
+    wait: WaitOption = False,
     set_options: SetOption = None,
 ) -> None:
     """Run index -> annotate -> curate -> pairs -> sft -> dpo -> eval, skipping unchanged stages.
 
-    Stages: index, annotate, curate, pairs, sft, dpo, eval. Ctrl-C at any point; a re-run continues.
+    Stages: index, annotate, curate, pairs, sft, dpo, eval. Every setting they use is checked first.
+    A stage that misses items (model errors) is tried again; if items are still missing the run stops
+    with exit code 3 (`persllm failures CONFIG` lists them) unless --allow-partial. Ctrl-C (or SIGTERM)
+    at any point stops within seconds; a re-run continues.
 
     Example: persllm run examples/demo/persllm.yaml --preset large
     """
     from persllm import pipeline
 
     project = load(config, set_options, preset=preset)
-    results = pipeline.run(
-        project, start, stop, on_stage=lambda name, status: typer.echo(f"[{name}] {status}", err=True)
-    )
+    with writing(project, "run", wait):
+        results = pipeline.run(
+            project,
+            start,
+            stop,
+            on_stage=lambda name, status: typer.echo(f"[{name}] {status}", err=True),
+            allow_partial=allow_partial,
+        )
     typer.echo(pipeline.format_summary(results))
     typer.echo(f"run folder: {project.run_dir}")
-    typer.echo(headline(project.run_dir / "eval"))
+    typer.echo(headline(project.layout.eval))
     first = next(iter(project.personas.values()))
     typer.echo(
         f"chat with the result: persllm chat {project.config_path} --persona {first.id} "

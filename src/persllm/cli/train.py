@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from persllm.cli.app import ConfigArg, SetOption, app, load
+from persllm.cli.app import ConfigArg, SetOption, WaitOption, app, load, writing
 from persllm.errors import UserError
 
 train_app = typer.Typer(
@@ -35,6 +35,7 @@ def sft_command(
     config: ConfigArg,
     persona: PersonaOption = None,
     resume: ResumeOption = False,
+    wait: WaitOption = False,
     set_options: SetOption = None,
 ) -> None:
     """Supervised fine-tuning (LoRA by default) with the stage tokens; writes models/<persona>/sft.
@@ -45,7 +46,7 @@ def sft_command(
     """
     from persllm.train import sft
 
-    _train(config, persona, resume, set_options, "sft", sft.run)
+    _train(config, persona, resume, set_options, "sft", sft.run, wait)
 
 
 @train_app.command("dpo")
@@ -53,6 +54,7 @@ def dpo_command(
     config: ConfigArg,
     persona: PersonaOption = None,
     resume: ResumeOption = False,
+    wait: WaitOption = False,
     set_options: SetOption = None,
 ) -> None:
     """Preference optimisation from the SFT model (the frozen reference); writes models/<persona>/dpo.
@@ -63,12 +65,20 @@ def dpo_command(
     """
     from persllm.train import dpo
 
-    _train(config, persona, resume, set_options, "dpo", dpo.run)
+    _train(config, persona, resume, set_options, "dpo", dpo.run, wait)
 
 
 def _train(
-    config: str, personas: list[str] | None, resume: bool, set_options: list[str] | None, stage: str, run: Any
+    config: str,
+    personas: list[str] | None,
+    resume: bool,
+    set_options: list[str] | None,
+    stage: str,
+    run: Any,
+    wait: bool = False,
 ) -> None:
+    from contextlib import nullcontext
+
     from persllm.train.common import validate_trl_blocks
 
     project = load(config, set_options)
@@ -76,10 +86,12 @@ def _train(
     ids = personas or list(project.personas)
     for persona_id in ids:
         project.persona(persona_id)
-    for persona_id in ids:
-        info = run(project, persona_id, resume=resume)
-        if _main_process():
-            typer.echo(_describe(stage, info))
+    # Under `accelerate launch` every rank runs this; the main one holds the run folder for all of them.
+    with writing(project, f"train {stage}", wait) if _main_process() else nullcontext():
+        for persona_id in ids:
+            info = run(project, persona_id, resume=resume)
+            if _main_process():
+                typer.echo(_describe(stage, info))
 
 
 def _describe(stage: str, info: dict[str, Any]) -> str:

@@ -5,7 +5,6 @@
 """
 
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from persllm.curate.filters import check_record, reply_source
@@ -20,7 +19,7 @@ if TYPE_CHECKING:
 
     from persllm.config import PersonaConfig, Project
 
-__all__ = ["annotations_path", "data_dir", "load_annotations", "run", "stage_fingerprint", "system_prompt"]
+__all__ = ["load_annotations", "run", "stage_fingerprint", "system_prompt"]
 
 KIND_ORDER = {"ordinary": 0, "misleading": 1, "opinion": 2}
 TOTALS = ("input", "kept", "train_rows", "test_rows", "general_rows")
@@ -101,12 +100,12 @@ def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]
         test_rows = [sft_row(r, persona, cfg.cot, cfg.system_prompt) for r in test]
 
         # Write: data files atomically, then the stats that describe them.
-        out = data_dir(project, persona_id)
-        write_jsonl(out / "sft_train.jsonl", train_rows)
-        write_jsonl(out / "sft_test.jsonl", test_rows)
+        layout = project.layout
+        write_jsonl(layout.sft_train(persona_id), train_rows)
+        write_jsonl(layout.sft_test(persona_id), test_rows)
         stats = counts.summary(len(train_rows), n_general, len(test_rows))
         stats.update({"repeat": cfg.repeat, "cot": cfg.cot, "system_prompt": cfg.system_prompt, "seed": seed})
-        update_stats(out / "stats.json", "curate", stats)
+        update_stats(layout.stats(persona_id), "curate", stats)
         summary[persona_id] = stats
 
     # Manifest: the pipeline's fingerprint, so an unchanged project is not curated again by `persllm run`.
@@ -141,18 +140,10 @@ def topical(
     return mask
 
 
-def annotations_path(project: "Project", persona_id: str) -> Path:
-    return project.run_dir / "annotations" / f"{persona_id}.jsonl"
-
-
-def data_dir(project: "Project", persona_id: str) -> Path:
-    return project.run_dir / "data" / persona_id
-
-
 def load_annotations(project: "Project", persona_id: str) -> list[dict[str, Any]]:
     """The annotation records of one persona; a missing file is a UserError saying to annotate first."""
     project.persona(persona_id)
-    path = annotations_path(project, persona_id)
+    path = project.layout.dialogues(persona_id)
     if not path.exists():
         raise UserError(f"{path}: no annotations for persona {persona_id!r}; run `persllm annotate` first")
     return read_jsonl(path)

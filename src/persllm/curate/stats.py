@@ -1,12 +1,12 @@
 """``data/<persona>/stats.json``: one top-level key per stage that writes it (curate, pairs), merged."""
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from persllm.curate.filters import REMOVALS
+from persllm.layout import write_json_atomic
 
 if TYPE_CHECKING:
     from persllm.curate.config import CurateConfig
@@ -22,10 +22,7 @@ def update_stats(path: Path, key: str, value: dict[str, Any]) -> None:
         except json.JSONDecodeError:
             stats = {}  # a stats file is derived data: a broken one is rebuilt, not an error
     stats[key] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, stats)
 
 
 def read_stats(path: Path) -> dict[str, Any]:

@@ -5,6 +5,7 @@
 from those two files alone. Heavy libraries are imported inside ``run`` so loading a config stays fast.
 """
 
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -46,13 +47,14 @@ def run(
     )
     from persllm.index.encoder import embed
     from persllm.jsonl import write_jsonl
+    from persllm.layout import write_json_atomic
     from persllm.llm.cache import open_cache
     from persllm.manifest import record_stage
     from persllm.train import card
 
     cfg = project.config.eval
     started = time.monotonic()
-    out = project.run_dir / "eval"
+    out = project.layout.eval
 
     # Inputs: the systems that can run, held-out items, the judge.
     planned, skipped = plan_systems(project, systems or cfg.systems)
@@ -61,13 +63,11 @@ def run(
     items = golden + heldout
     if not items:
         raise UserError(
-            f"{project.run_dir / 'data'}: no evaluation items (sft_test.jsonl or held-out questions); "
+            f"{project.layout.data}: no evaluation items (sft_test.jsonl or held-out questions); "
             "run `persllm annotate` and `persllm curate` first"
         )
     for persona_id in sorted(set(project.personas) - {item.persona for item in golden}):
-        skipped[f"persona {persona_id}"] = (
-            f"no annotator test items in {project.run_dir / 'data' / persona_id}"
-        )
+        skipped[f"persona {persona_id}"] = f"no annotator test items in {project.layout.data_dir(persona_id)}"
     for persona_id in sorted(set(project.personas) - {item.persona for item in heldout}):
         skipped[f"persona {persona_id} (held-out)"] = (
             "no held-out own words with questions: set holdout.share above 0 and annotate.heldout_questions"
@@ -102,6 +102,8 @@ def run(
     cache = open_cache(project)
     params = dict(cfg.params)
     backends: dict[str, Any] = {}
+    names = ", ".join(system.name for system in planned)
+    print(f"eval: {len(requests)} answers from {names} on {len(items)} items", file=sys.stderr, flush=True)
     try:
         completions = generate(project, requests, params, cache, backends)
         traits = (
@@ -173,9 +175,9 @@ def run(
         else {},
         "robustness": robust,
     }
-    write_jsonl(out / "generations.jsonl", rows)
-    write_jsonl(out / "robustness.jsonl", probe_records)
-    report.write_json(out / "metrics.json", result)
+    write_jsonl(project.layout.generations, rows)
+    write_jsonl(project.layout.robustness, probe_records)
+    write_json_atomic(project.layout.metrics, result)
     report.write_report(out, result, rows)
     for system in planned:
         if system.mode == "trained":

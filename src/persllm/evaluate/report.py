@@ -8,12 +8,12 @@ render to both Markdown and HTML; the HTML embeds the plots as base64 data URIs.
 import base64
 import html
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from persllm.errors import UserError
 from persllm.jsonl import read_jsonl
+from persllm.layout import write_atomic
 
 if TYPE_CHECKING:
     from persllm.config import Project
@@ -31,23 +31,15 @@ TRAITS = ["O", "C", "E", "A", "N"]
 
 def run(project: "Project") -> dict[str, Path]:
     """Rebuild the report of the last evaluation from ``eval/metrics.json`` and ``eval/generations.jsonl``."""
-    out = project.run_dir / "eval"
-    path = out / "metrics.json"
+    layout = project.layout
+    path = layout.metrics
     if not path.exists():
         raise UserError(f"{path}: no evaluation results; run `persllm eval {project.config_path}` first")
     try:
         metrics = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON ({exc.msg}); re-run `persllm eval`") from None
-    return write_report(out, metrics, read_jsonl(out / "generations.jsonl"))
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temporary file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    return write_report(layout.eval, metrics, read_jsonl(layout.generations))
 
 
 def write_report(out: Path, metrics: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Path]:
@@ -55,15 +47,9 @@ def write_report(out: Path, metrics: dict[str, Any], rows: list[dict[str, Any]])
     plots = make_plots(out / "plots", metrics)
     blocks = build_blocks(metrics, rows, plots)
     paths = {"markdown": out / "report.md", "html": out / "report.html"}
-    _atomic_text(paths["markdown"], to_markdown(blocks))
-    _atomic_text(paths["html"], to_html(blocks, out))
+    write_atomic(paths["markdown"], to_markdown(blocks))
+    write_atomic(paths["html"], to_html(blocks, out))
     return paths
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- content

@@ -92,7 +92,7 @@ def load_items(project: Project, max_items: int | None) -> list[Item]:
     """The held-out items of every persona, at most ``max_items`` per persona x stage, in file order."""
     items: list[Item] = []
     for persona_id in project.personas:
-        path = project.run_dir / "data" / persona_id / "sft_test.jsonl"
+        path = project.layout.sft_test(persona_id)
         contexts = annotation_contexts(project, persona_id)
         taken: dict[str, int] = defaultdict(int)
         for number, row in enumerate(read_jsonl(path), start=1):
@@ -112,7 +112,7 @@ def load_heldout_items(project: Project, max_items: int | None) -> list[Item]:
     """The held-out own-words items: one per held-out passage with a back-written question."""
     items: list[Item] = []
     for persona_id, persona in project.personas.items():
-        path = project.run_dir / "annotations" / "heldout" / f"{persona_id}.jsonl"
+        path = project.layout.heldout_questions(persona_id)
         taken: dict[str, int] = defaultdict(int)
         for number, record in enumerate(read_jsonl(path), start=1):
             turns, stage_id = record.get("turns"), record.get("stage")
@@ -171,7 +171,7 @@ def item_of(row: dict[str, Any], where: str) -> Item:
 
 def annotation_contexts(project: Project, persona_id: str) -> dict[str, dict[str, str]]:
     """The retrieved context of each annotation record, by record id."""
-    path = project.run_dir / "annotations" / f"{persona_id}.jsonl"
+    path = project.layout.dialogues(persona_id)
     contexts: dict[str, dict[str, str]] = {}
     for record in read_jsonl(path):
         context = record.get("context")
@@ -194,7 +194,7 @@ def plan_systems(project: Project, names: list[str]) -> tuple[list[System], dict
             planned.append(System(name, base, "prompt" if name == "prompt" else "rag"))
         elif name in ADAPTER_OF:
             folder = ADAPTER_OF[name]
-            adapters = {p: project.run_dir / "models" / p / folder for p in project.personas}
+            adapters = {p: project.layout.model(p, folder) for p in project.personas}
             missing = [p for p, path in adapters.items() if not (path / "adapter_config.json").exists()]
             if missing:
                 where = ", ".join(str(adapters[p]) for p in missing)

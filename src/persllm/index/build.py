@@ -12,8 +12,7 @@ corpus embeds nothing, an edited one embeds only its new paragraphs, and moving 
 stage costs nothing.
 """
 
-import json
-import os
+import io
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from persllm.config import EmbedderConfig, Project
 from persllm.hashing import stable_hash
 from persllm.index import encoder
 from persllm.jsonl import write_jsonl
+from persllm.layout import RunLayout, write_atomic, write_json_atomic
 from persllm.manifest import record_stage
 from persllm.persona.corpus import Chunk, read_stage_chunks
 from persllm.persona.heldout import HoldoutRule, split_stages
@@ -34,7 +34,7 @@ def run(project: Project, personas: list[str] | None = None, progress: bool = Fa
     started = time.perf_counter()
     cfg = project.config.embedder
     persona_ids = personas or list(project.personas)
-    root = project.run_dir / "index"
+    layout = project.layout
 
     # Chunk every stage's corpus (user errors in the corpus surface here, before any model loads), then
     # set the held-out own words aside: the index never sees them.
@@ -45,7 +45,7 @@ def run(project: Project, personas: list[str] | None = None, progress: bool = Fa
     stages, heldout = split_stages(stages, holdout_rule(project), project.config.seed)
 
     # Embed only texts the cache has not seen for this model.
-    cache_path = root / "embeddings_cache" / f"{model_key(cfg)}.npz"
+    cache_path = layout.embedding_cache(model_key(cfg))
     cache = load_cache(cache_path)
     needed = {text_key(chunk.text): chunk.text for _, _, chunks in stages for chunk in chunks}
     missing = [key for key in needed if key not in cache]
@@ -60,10 +60,9 @@ def run(project: Project, personas: list[str] | None = None, progress: bool = Fa
     for persona_id, stage_id, chunks in stages:
         keys = [text_key(chunk.text) for chunk in chunks]
         matrix = np.stack([cache[key] for key in keys]) if keys else np.zeros((0, dim), np.float32)
-        write_stage(root / persona_id / stage_id, chunks, matrix.astype(np.float32), cfg)
-        write_jsonl(
-            root / persona_id / stage_id / HELDOUT, (c.to_dict() for c in heldout[(persona_id, stage_id)])
-        )
+        write_stage(layout, persona_id, stage_id, chunks, matrix.astype(np.float32), cfg)
+        held = heldout[(persona_id, stage_id)]
+        write_jsonl(layout.heldout_chunks(persona_id, stage_id), (c.to_dict() for c in held))
         # A new text shared by several stages counts as embedded once, in the first stage using it.
         new_here = {key for key in keys if key in fresh}
         fresh -= new_here
@@ -115,9 +114,6 @@ def run(project: Project, personas: list[str] | None = None, progress: bool = Fa
     return result
 
 
-HELDOUT = "heldout.jsonl"
-
-
 def holdout_rule(project: Project) -> HoldoutRule:
     cfg = project.config.holdout
     return HoldoutRule(
@@ -149,24 +145,19 @@ def save_cache(path: Path, cache: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     keys = np.array(list(cache), dtype=str)
     vectors = np.stack(list(cache.values())).astype(np.float32) if cache else np.zeros((0, 0), np.float32)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as handle:
-        np.savez(handle, keys=keys, vectors=vectors)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, keys=keys, vectors=vectors)
+    write_atomic(path, buffer.getvalue())
 
 
-def write_stage(folder: Path, chunks: list[Chunk], matrix: np.ndarray, cfg: EmbedderConfig) -> None:
+def write_stage(
+    layout: RunLayout, persona: str, stage: str, chunks: list[Chunk], matrix: np.ndarray, cfg: EmbedderConfig
+) -> None:
     """Write one stage's index; meta.json goes last and carries the fingerprint the reader checks."""
-    folder.mkdir(parents=True, exist_ok=True)
-    write_jsonl(folder / "chunks.jsonl", (chunk.to_dict() for chunk in chunks))
-    tmp = folder / "embeddings.npy.tmp"
-    with tmp.open("wb") as handle:
-        np.save(handle, matrix)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, folder / "embeddings.npy")
+    write_jsonl(layout.chunks(persona, stage), (chunk.to_dict() for chunk in chunks))
+    buffer = io.BytesIO()
+    np.save(buffer, matrix)
+    write_atomic(layout.embeddings(persona, stage), buffer.getvalue())
     meta = {
         "model": cfg.model,
         "dimension": int(matrix.shape[1]),
@@ -175,6 +166,4 @@ def write_stage(folder: Path, chunks: list[Chunk], matrix: np.ndarray, cfg: Embe
         "style": sum(chunk.kind == "style" for chunk in chunks),
         "fingerprint": stable_hash([chunk.id for chunk in chunks]),
     }
-    tmp_meta = folder / "meta.json.tmp"
-    tmp_meta.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp_meta, folder / "meta.json")
+    write_json_atomic(layout.index_meta(persona, stage), meta)

@@ -1,9 +1,14 @@
 """The sentence encoder: loaded once per process and (model, device), batched, L2-normalised.
 
 The reference code re-creates the encoder for every retrieval query; here every caller (index, retrieval,
-curation dedup, evaluation) shares one instance.
+curation dedup, evaluation) shares one instance. Several threads may encode with it at once (the
+annotator's retrieval workers do): torch releases the GIL inside each operation, so on a CPU with
+``n`` cores and ``t`` torch threads, ``n // t`` workers run side by side (``query_workers``). The
+first encode of each instance runs alone: the fast tokenizer sets its padding and truncation then, and
+a second thread borrowing it meanwhile would fail.
 """
 
+import os
 import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
@@ -22,6 +27,9 @@ _LOCK = threading.Lock()
 QUERY_CACHE_SIZE = 16384  # 384-d vectors: about 25 MB
 _QUERY_VECTORS: "OrderedDict[tuple[str, str], np.ndarray]" = OrderedDict()
 _QUERY_LOCK = threading.Lock()
+_FIRST_LOCK = threading.Lock()
+_SETTLED: set[int] = set()  # ids of encoders that finished a first encode
+MAX_QUERY_WORKERS = 4
 
 
 def get_encoder(cfg: EmbedderConfig) -> "SentenceTransformer":
@@ -120,11 +128,28 @@ def clear_query_cache() -> None:
         _QUERY_VECTORS.clear()
 
 
+def query_workers(cfg: EmbedderConfig) -> int:
+    """How many threads should embed retrieval queries at once: one per ``torch`` thread group of cores.
+
+    A GPU runs one batch at a time anyway (1); on the CPU, ``cores // torch threads`` (at most
+    ``MAX_QUERY_WORKERS``), so parallel batches share the cores instead of oversubscribing them.
+    """
+    if cfg.device != "cpu":
+        return 1
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(MAX_QUERY_WORKERS, cores // max(1, torch.get_num_threads())))
+
+
 def _encode(encoder: "SentenceTransformer", texts: list[str], batch_size: int) -> np.ndarray:
-    vectors = np.asarray(
-        encoder.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False),
-        dtype=np.float32,
-    )
+    if id(encoder) in _SETTLED:
+        raw = encoder.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+    else:
+        with _FIRST_LOCK:  # see the module docstring
+            raw = encoder.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+            _SETTLED.add(id(encoder))
+    vectors = np.asarray(raw, dtype=np.float32)
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return vectors / np.maximum(norms, 1e-12)
 

@@ -10,14 +10,14 @@ For a query, each kind of material (knowledge, style) fills its own context up t
 
 A stage sees only its own material, unless it has ``inherits: true``: then it also sees every earlier
 stage's. Each stage's index is read once per Retriever, the encoder once per process; scoring is one
-matrix-vector product per kind.
+matrix-vector product per kind. A Retriever may be used from several threads at once (the annotator's
+retrieval workers): loading is locked, retrieval itself only reads.
 """
 
 import json
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -97,7 +97,7 @@ class Retriever:
         self.project = project
         self._stages: dict[tuple[str, str], tuple[list[Chunk], np.ndarray]] = {}
         self._pools: dict[tuple[str, str], dict[str, Pool]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # held while loading; pools() loads stages under it
 
     def chunks(self, persona: str, stage: str, kind: str | None = None) -> list[Chunk]:
         """The stage's own chunks (never inherited ones), optionally of one kind: the seed candidates."""
@@ -157,8 +157,15 @@ class Retriever:
     def pools(self, persona: str, stage: str) -> dict[str, Pool]:
         """Per kind, what the stage retrieves from: its own material, plus earlier stages' if it inherits."""
         key = (persona, stage)
-        if key in self._pools:
+        pools = self._pools.get(key)
+        if pools is not None:
+            return pools
+        with self._lock:  # two threads asking at once build it once
+            if key not in self._pools:
+                self._pools[key] = self._build_pools(persona, stage)
             return self._pools[key]
+
+    def _build_pools(self, persona: str, stage: str) -> dict[str, Pool]:
         spec = self.project.persona(persona)
         index = spec.stage_index(stage)
         visible = [s.id for s in spec.stages[:index]] if spec.stages[index].inherits else []
@@ -171,8 +178,6 @@ class Retriever:
             words = np.array([c.words for c in chunks], dtype=np.int64)
             positions = {c.id: i for i, c in enumerate(chunks)}
             pools[kind] = Pool(chunks, np.ascontiguousarray(matrix, dtype=np.float32), words, positions)
-        with self._lock:
-            self._pools[key] = pools
         return pools
 
     def _resolve_seed(self, persona: str, stage: str, seed: Chunk | str) -> Chunk:
@@ -227,15 +232,15 @@ def fill(pool: Pool, query: np.ndarray, budget: int, first: Piece | None = None)
 def load_heldout(project: Project, persona: str, stage: str) -> list[Chunk]:
     """The stage's held-out own words (``heldout.jsonl`` beside its index): evaluation references only."""
     project.persona(persona).stage(stage)
-    path = project.run_dir / "index" / persona / stage / "heldout.jsonl"
-    return [Chunk.from_dict(row) for row in read_jsonl(path)]
+    return [Chunk.from_dict(row) for row in read_jsonl(project.layout.heldout_chunks(persona, stage))]
 
 
 def load_stage(project: Project, persona: str, stage: str) -> tuple[list[Chunk], np.ndarray]:
     """A stage's chunks and embeddings, checked against each other and the configured embedder."""
-    folder = project.run_dir / "index" / persona / stage
+    layout = project.layout
+    folder = layout.index_stage(persona, stage)
     hint = f"run `persllm index {project.config_path}`"
-    meta_path = folder / "meta.json"
+    meta_path = layout.index_meta(persona, stage)
     if not meta_path.exists():
         raise UserError(f"{folder}: no index for {persona}/{stage}; {hint} first")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -245,8 +250,8 @@ def load_stage(project: Project, persona: str, stage: str) -> tuple[list[Chunk],
             f"{folder}: index built with embedder {meta.get('model')!r} "
             f"but embedder.model is {model!r}; {hint}"
         )
-    chunks = [Chunk.from_dict(row) for row in read_jsonl(folder / "chunks.jsonl", strict=True)]
-    matrix = np.load(Path(folder / "embeddings.npy"), allow_pickle=False).astype(np.float32, copy=False)
+    chunks = [Chunk.from_dict(row) for row in read_jsonl(layout.chunks(persona, stage), strict=True)]
+    matrix = np.load(layout.embeddings(persona, stage), allow_pickle=False).astype(np.float32, copy=False)
     fingerprint = stable_hash([chunk.id for chunk in chunks])
     if matrix.shape[0] != len(chunks) or meta.get("fingerprint") != fingerprint:
         raise UserError(f"{folder}: index files do not match each other (interrupted run?); {hint}")

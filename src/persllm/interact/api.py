@@ -172,7 +172,90 @@ def parse_request(raw: bytes, cfg: ServeConfig) -> ChatRequest:
             param,
             "invalid_value",
         )
+    refusal = stop_refusal(request.stop, cfg)
+    if refusal is not None:
+        raise refusal
     return request
+
+
+def stop_refusal(stop: str | list[str] | None, cfg: ServeConfig) -> ApiError | None:
+    """The 400 for a ``stop`` over this server's bounds (each stop string is searched for in every step
+    of every reply, so their number and length bound the work one request can cost), or None."""
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if len(stops) > cfg.max_stop_strings:
+        return ApiError(
+            400,
+            f"stop has {len(stops)} strings; this server accepts at most {cfg.max_stop_strings}",
+            "stop",
+            "invalid_value",
+        )
+    longest = max(stops, key=len, default="")
+    if len(longest) > cfg.max_stop_chars:
+        return ApiError(
+            400,
+            f"stop: a string of {len(longest)} characters; this server accepts at most {cfg.max_stop_chars}",
+            "stop",
+            "invalid_value",
+        )
+    return None
+
+
+def content_type_refusal(content_type: str | None) -> ApiError | None:
+    """The 415 for a request body that is not declared JSON, or None.
+
+    Browsers send ``text/plain``, form and multipart bodies cross-origin without asking first; requiring
+    ``application/json`` makes every cross-origin call go through a preflight the server can refuse.
+    """
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    if media_type == "application/json":
+        return None
+    shown = media_type or "none"
+    return ApiError(
+        415,
+        f"Content-Type {shown}: send the body as JSON with Content-Type: application/json",
+        code="unsupported_media_type",
+    )
+
+
+def origin_refusal(origin: str | None, host: str | None, allowed: list[str]) -> ApiError | None:
+    """The 403 for a browser request from a web page this server does not trust, or None.
+
+    No ``Origin`` (not a browser, or a same-origin GET) is fine; so is the server's own origin (its chat
+    page: browsers send ``Origin`` on same-origin POSTs), recognised by the origin's host[:port] being
+    the request's ``Host``, and any origin in ``serve.cors_origins``.
+    """
+    if origin is None or origin_allowed(origin, host, allowed):
+        return None
+    return ApiError(
+        403,
+        f"requests from the web origin {origin[:100]!r} are not allowed; add it to serve.cors_origins",
+        code="origin_not_allowed",
+    )
+
+
+def origin_allowed(origin: str, host: str | None, allowed: list[str]) -> bool:
+    normalised = origin.strip().rstrip("/").lower()
+    if normalised in allowed:
+        return True
+    scheme, separator, netloc = normalised.partition("://")
+    same_host = host is not None and netloc == host.strip().lower()
+    return bool(separator) and scheme in ("http", "https") and same_host
+
+
+PREFLIGHT_METHODS = "GET, POST, OPTIONS"
+PREFLIGHT_HEADERS = "Authorization, Content-Type"
+
+
+def preflight_headers(origin: str, requested_headers: str | None) -> dict[str, str]:
+    """The CORS answer to an allowed origin's preflight (``OPTIONS``): what it may send, for how long.
+    The origin is trusted, so the headers it asks for (the openai JS client adds its own) are granted."""
+    return {
+        "Access-Control-Allow-Origin": origin,
+        "Access-Control-Allow-Methods": PREFLIGHT_METHODS,
+        "Access-Control-Allow-Headers": requested_headers or PREFLIGHT_HEADERS,
+        "Access-Control-Max-Age": "600",
+        "Vary": "Origin",
+    }
 
 
 def sampling(request: ChatRequest, defaults: dict[str, Any]) -> dict[str, Any]:

@@ -1,11 +1,14 @@
 """Settings of chat, serve and converse."""
 
+import re
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from persllm.llm.config import LLMConfig
 from persllm.schema import Section
+
+ORIGIN = re.compile(r"https?://[^/\s?#@]+")  # a web origin: scheme and host[:port], nothing after
 
 
 def _chat_params() -> dict[str, Any]:
@@ -19,6 +22,10 @@ class ServeConfig(Section):
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted.")
     max_messages: int = Field(64, ge=1, description="Most messages in one request.")
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
+    max_stop_strings: int = Field(4, ge=0, description="Most stop strings in one request (OpenAI allows 4).")
+    max_stop_chars: int = Field(
+        64, ge=1, description="Longest stop string a request may give, in characters."
+    )
     context_tokens: int = Field(2048, ge=128, description="Prompt budget; older turns are trimmed to fit.")
     retrieval: bool = Field(False, description="Add retrieved persona material to the system prompt.")
     params: dict[str, Any] = Field(
@@ -26,6 +33,22 @@ class ServeConfig(Section):
         description="Default sampling of chat and serve (OpenAI names); a request's own values win.",
     )
     show_analysis: bool = Field(False, description="Chat: print the model's analysis before each reply.")
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Web origins (scheme://host[:port]) whose pages may call the API from a browser; "
+        "none = only the server's own page. Requests from any other Origin are refused (403).",
+    )
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins_are_plain(cls, origins: list[str]) -> list[str]:
+        cleaned = [origin.strip().rstrip("/").lower() for origin in origins]
+        for origin in cleaned:
+            if not ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin; write scheme://host[:port], e.g. https://a.example"
+                )
+        return cleaned
 
 
 class AgentConfig(Section):

@@ -25,6 +25,7 @@ from persllm.interact.config import AgentConfig, ConverseConfig
 from persllm.interact.models import ModelPool, ModelRef, Speaker, best_variant, chat_ref, resolve_model_id
 from persllm.interact.prompting import PROMPTS, fit, merge_consecutive, persona_system, template
 from persllm.jsonl import write_jsonl
+from persllm.layout import write_atomic
 from persllm.llm.base import Message
 
 ORDERS = ("round-robin", "random")
@@ -104,8 +105,8 @@ def run(
         "models": {a.key: a.model for a in cast},
         "persllm_version": __version__,
     }
-    _write_text(folder / "measures.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    _write_text(folder / "transcript.md", markdown(scenario, cast, rows, result))
+    write_atomic(folder / "measures.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(folder / "transcript.md", markdown(scenario, cast, rows, result))
     return folder
 
 
@@ -208,7 +209,7 @@ def default_out(
     digest = stable_hash(
         {"agents": agents, "scenario": scenario, "turns": turns, "order": order, "seed": seed}, 8
     )
-    return project.run_dir / "converse" / f"{slug}-{digest}"
+    return project.layout.converse / f"{slug}-{digest}"
 
 
 def speaking_order(agents: int, turns: int, order: str, seed: int) -> list[int]:
@@ -405,9 +406,3 @@ def markdown(scenario: str, cast: list[Agent], rows: list[dict[str, Any]], resul
         "",
     ]
     return "\n".join(lines)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)

@@ -1,11 +1,12 @@
 """The models a project offers and one shared base model that serves them all.
 
-A model id is ``persona:stage:variant`` (``elsie:keeper:dpo``) or ``base``. Variants: ``sft`` and ``dpo``
-(trained folders under ``models/<persona>/``), ``prompt`` (the base model told who it is, no adapter)
-and, for chat, any adapter folder. Every persona adapter is loaded once into the same base model and
-selected per call, so serving ten personas costs one model's memory: PEFT adapters on the transformers
-base, GGUF LoRA files (exported on first use) on one llama.cpp engine. A persona that cannot be an
-adapter of the base (trained with new stage tokens, or full weights) runs on a model of its own.
+A model id is ``persona:stage:variant`` (``elsie:keeper:dpo``), ``persona:stage`` or ``base``. Variants:
+``sft`` and ``dpo`` (trained folders under ``models/<persona>/``), ``prompt`` (the base model told who it
+is, no adapter) and, for chat's ``--model`` only (``chat_ref``, never a served id), any adapter folder.
+Every persona adapter is loaded once into the same base model and selected per call, so serving ten
+personas costs one model's memory: PEFT adapters on the transformers base, GGUF LoRA files (exported on
+first use) on one llama.cpp engine. A persona that cannot be an adapter of the base (trained with new
+stage tokens, or full weights) runs on a model of its own.
 """
 
 import threading
@@ -52,7 +53,7 @@ class ModelRef:
 
 def trained_dir(project: Project, persona: str, variant: str) -> Path | None:
     """``models/<persona>/<variant>`` when it holds an adapter or full weights, else None."""
-    folder = project.run_dir / "models" / persona / variant
+    folder = project.layout.model(persona, variant)
     return folder if is_model_folder(folder) else None
 
 
@@ -72,7 +73,9 @@ def list_model_ids(project: Project) -> list[str]:
 def resolve_model_id(project: Project, model_id: str) -> ModelRef:
     """The model behind ``model_id``; a ``+analysis`` suffix asks for the analysis too.
 
-    ``persona:stage`` picks the best trained variant (dpo, then sft, then prompt).
+    ``persona:stage`` picks the best trained variant (dpo, then sft, then prompt). The id is matched
+    against the project's persona and stage ids and the known variants before any folder is looked at,
+    so nothing from the id ever becomes part of a path.
     """
     show = model_id.endswith(ANALYSIS_SUFFIX)
     name = model_id.removesuffix(ANALYSIS_SUFFIX)
@@ -81,7 +84,8 @@ def resolve_model_id(project: Project, model_id: str) -> ModelRef:
     parts = name.split(":")
     persona = project.personas.get(parts[0])
     stage_ids = [s.id for s in persona.stages] if persona else []
-    if persona is None or len(parts) not in (2, 3) or parts[1] not in stage_ids:
+    known_variant = len(parts) == 2 or (len(parts) == 3 and parts[2] in (PROMPT, *TRAINED))
+    if persona is None or not known_variant or parts[1] not in stage_ids:
         raise UnknownModel(f"model {model_id!r} does not exist; GET /v1/models lists the model ids")
     variant = parts[2] if len(parts) == 3 else best_variant(project, persona.id)
     full = f"{persona.id}:{parts[1]}:{variant}"
@@ -119,7 +123,7 @@ def chat_ref(project: Project, persona: str, stage: str, model: str) -> ModelRef
                 f"{persona}:{stage}:{model}", persona, stage, *_variant(project, persona, model, model)
             )
         except UnknownModel:
-            where = project.run_dir / "models" / persona / model
+            where = project.layout.model(persona, model)
             raise UserError(
                 f"--model {model}: {where} holds no trained model; train it or use --model prompt"
             ) from None

@@ -5,7 +5,10 @@ Routes: ``GET /`` (the chat page), ``GET /health``, ``GET /v1/models``, ``GET /v
 ``persona:stage:variant`` and ``base`` (see ``interact.models``). The analysis a persona model writes
 before its answer is hidden unless the request sets ``"show_analysis": true`` or the model id ends
 in ``+analysis``; it then comes as ``reasoning_content``, as reasoning servers (vLLM, DeepSeek) send it.
-Every refusal is a 4xx with OpenAI's error body; limits come from ``ServeConfig``.
+Every refusal is a 4xx with OpenAI's error body; limits come from ``ServeConfig``. A request from a web
+page (its ``Origin``) other than the server's own or one in ``serve.cors_origins`` is refused before any
+route runs, and a chat request must be ``application/json``: any page the user opens could otherwise
+drive the server with a plain form or ``text/plain`` POST.
 """
 
 import asyncio
@@ -20,7 +23,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as AsgiMessage
 
 from persllm.config import Project
 from persllm.cot import split_inline
@@ -74,6 +80,7 @@ def create_app(
 
     app = FastAPI(title="persllm", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.pool = pool
+    app.add_middleware(OriginGuard, allowed=cfg.cors_origins)
 
     # ------------------------------------------------------------------ errors
 
@@ -131,6 +138,9 @@ def create_app(
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:
         check_key(request)
+        refusal = api.content_type_refusal(request.headers.get("content-type"))
+        if refusal is not None:
+            raise refusal
         body = await read_body(request, cfg.max_body_bytes)
         req = api.parse_request(body, cfg)
         ref = _resolve(project, req.model)
@@ -164,6 +174,45 @@ def create_app(
         return JSONResponse(body_out)
 
     return app
+
+
+class OriginGuard:
+    """ASGI middleware: refuses requests whose ``Origin`` the server does not trust, answers the CORS
+    preflight of those it does, and marks their responses readable by that origin.
+
+    Starlette's CORSMiddleware only withholds the headers: the request itself still runs, and a
+    ``text/plain`` POST needs no preflight, so a foreign page could still make the server generate.
+    """
+
+    def __init__(self, app: ASGIApp, allowed: list[str]) -> None:
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        origin = headers.get("origin")
+        refusal = api.origin_refusal(origin, headers.get("host"), self.allowed)
+        if refusal is not None:
+            await JSONResponse(refusal.body(), refusal.status)(scope, receive, send)
+            return
+        if origin is None:
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
+            allowed = api.preflight_headers(origin, headers.get("access-control-request-headers"))
+            await Response(status_code=204, headers=allowed)(scope, receive, send)
+            return
+
+        async def send_readable(message: AsgiMessage) -> None:
+            if message["type"] == "http.response.start":
+                response_headers = MutableHeaders(scope=message)
+                response_headers["Access-Control-Allow-Origin"] = origin
+                response_headers.add_vary_header("Origin")
+            await send(message)
+
+        await self.app(scope, receive, send_readable)
 
 
 def _resolve(project: Project, model_id: str) -> ModelRef:

@@ -16,6 +16,7 @@ from persllm.cot import split_inline
 from persllm.errors import UserError
 from persllm.interact.models import Speaker
 from persllm.interact.prompting import ThinkSplitter, fit, persona_system
+from persllm.layout import write_atomic
 from persllm.llm.base import Message
 
 # (persona id, stage id, query) -> (knowledge text, style text)
@@ -190,10 +191,7 @@ class ChatSession:
             text = transcript_markdown(self.transcript())
         else:
             text = json.dumps(self.transcript(), ensure_ascii=False, indent=2) + "\n"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        write_atomic(path, text)
 
 
 def transcript_markdown(data: dict[str, Any]) -> str:

@@ -226,7 +226,7 @@ class CallCache:
 
 def open_cache(project: Any) -> CallCache:
     """The project's cache: ``<run_dir>/cache.sqlite``."""
-    return CallCache(Path(project.run_dir) / "cache.sqlite")
+    return CallCache(project.layout.cache)
 
 
 class CachedBackend:

@@ -1,9 +1,13 @@
 """An in-process Hugging Face chat model: a folder, a hub id, a ``.gguf`` file or ``bundled:smollm2``.
 
-Concurrent ``generate()`` calls are gathered into left-padded batches of up to ``cfg.concurrency``
-(one batch per identical sampling params and adapter) and run by ``model.generate`` in a worker
-thread, one batch at a time. LoRA adapters: ``cfg.adapter`` is the default one; ``add_adapter(name,
-path)`` loads more onto the same base, chosen per call with ``params["adapter"]`` (``"base"``: none).
+Concurrent ``generate()`` and ``stream()`` calls are gathered into the same left-padded batches of up
+to ``cfg.concurrency`` (one batch per identical sampling params and adapter) and run by
+``model.generate`` in a worker thread, one batch at a time; streamed rows get their text as each step
+is decoded (``local_stream``). A row whose caller has gone stops generating, and so does a row that has
+produced a stop string (checked on the decoded tail of each row, with no per-request set-up cost).
+
+LoRA adapters: ``cfg.adapter`` is the default one; ``add_adapter(name, path)`` loads more onto the same
+base, chosen per call with ``params["adapter"]`` (``"base"``: none).
 An adapter that saves whole modules (``modules_to_save``: the embeddings of new stage tokens) is never
 pooled: PEFT does not switch saved, tied modules per adapter, so it gets a base model of its own.
 torch and transformers are imported on first use, so importing this module stays cheap.
@@ -13,10 +17,10 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from persllm.errors import UserError
 from persllm.hashing import canonical_json, file_hash, stable_hash
@@ -32,6 +36,9 @@ from persllm.llm.base import (
 from persllm.llm.bundled import resolve_model
 from persllm.llm.config import LLMConfig
 
+if TYPE_CHECKING:
+    from persllm.llm.local_stream import RowSink
+
 BASE = BASE_ADAPTER
 DEFAULT = DEFAULT_ADAPTER
 NOT_SAMPLING = ("n_sample", "tag", "adapter", "response_format")  # logprobs rows are a batch of their own
@@ -40,10 +47,20 @@ END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>")
 
 @dataclass
 class _Pending:
+    """One call waiting for a batch: a plain one resolves ``future``, a streamed one feeds ``sink``."""
+
     messages: list[Message]
     params: dict[str, Any]
     adapter: str | None
-    future: asyncio.Future[Completion]
+    future: asyncio.Future[Completion] | None = None
+    sink: "RowSink | None" = None
+
+    @property
+    def gone(self) -> bool:
+        """Nobody waits for this row any more (read from the generating thread too)."""
+        if self.sink is not None:
+            return self.sink.gone
+        return self.future is None or self.future.done()
 
 
 class _Batcher:
@@ -200,16 +217,28 @@ class TransformersBackend:
 
     async def generate(self, messages: list[Message], params: dict[str, Any]) -> Completion:
         merged = merge_params(self.cfg.params, params)
-        adapter = self.adapter_name(merged)
+        future: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Pending(messages, merged, self.adapter_name(merged), future=future))
+        return await future
+
+    async def stream(self, messages: list[Message], params: dict[str, Any]) -> AsyncIterator[str]:
+        """Yield the reply's text as it is generated, in the same batches as ``generate``."""
+        from persllm.llm.local_stream import RowSink, read_sink
+
+        merged = merge_params(self.cfg.params, params)
+        sink = RowSink(asyncio.get_running_loop())
+        self._enqueue(_Pending(messages, merged, self.adapter_name(merged), sink=sink))
+        async for piece in read_sink(sink, stop_list(merged.get("stop"))):
+            yield piece
+
+    def _enqueue(self, pending: _Pending) -> None:
         loop = asyncio.get_running_loop()
         if self._batcher is None or self._batcher.loop is not loop:
             self._batcher = _Batcher(loop)
         batcher = self._batcher
-        future: asyncio.Future[Completion] = loop.create_future()
-        batcher.pending.append(_Pending(messages, merged, adapter, future))
+        batcher.pending.append(pending)
         if batcher.task is None or batcher.task.done():
             batcher.task = loop.create_task(self._drain(batcher))
-        return await future
 
     async def _drain(self, batcher: _Batcher) -> None:
         await asyncio.sleep(0)  # let calls started in the same tick join the first batch
@@ -218,21 +247,19 @@ class TransformersBackend:
             group = _group_key(first)
             batch = [p for p in batcher.pending if _group_key(p) == group][: self.cfg.concurrency]
             batcher.pending = [p for p in batcher.pending if all(p is not b for b in batch)]
-            batch = [p for p in batch if not p.future.done()]
+            batch = [p for p in batch if not p.gone]
             if not batch:
                 continue
             try:
                 results = await asyncio.to_thread(
-                    self._run_rows, [p.messages for p in batch], first.params, first.adapter
+                    self._run_rows, [p.messages for p in batch], first.params, first.adapter, batch
                 )
             except Exception as exc:
                 for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(exc)
+                    _fail(pending, exc)
             else:
                 for pending, result in zip(batch, results, strict=True):
-                    if not pending.future.done():
-                        pending.future.set_result(result)
+                    _finish(pending, result)
 
     def generate_batch(self, conversations: list[list[Message]], params: dict[str, Any]) -> list[Completion]:
         """Synchronous batched generation (evaluation): ``cfg.concurrency`` rows of similar length at once."""
@@ -249,12 +276,18 @@ class TransformersBackend:
         return [r for r in results if r is not None]
 
     def _run_rows(
-        self, conversations: list[list[Message]], params: dict[str, Any], adapter: str | None
+        self,
+        conversations: list[list[Message]],
+        params: dict[str, Any],
+        adapter: str | None,
+        callers: Sequence[_Pending] = (),
     ) -> list[Any]:
+        """One ``model.generate`` over ``conversations``; with ``callers`` (one per row), streamed rows
+        get their text as it is made and rows whose caller has gone stop."""
         import torch
 
         if adapter in self._isolated:
-            return self._isolated[adapter]._run_rows(conversations, params, DEFAULT)
+            return self._isolated[adapter]._run_rows(conversations, params, DEFAULT, callers)
         self.load()
         tokenizer = self._tokenizers.get(adapter or "", self.tokenizer)
         prompts = [render_prompt(tokenizer, messages) for messages in conversations]
@@ -262,6 +295,13 @@ class TransformersBackend:
             self.device
         )
         kwargs = generation_kwargs(params, tokenizer)
+        width = batch["input_ids"].shape[1]
+        kwargs.update(row_stopping(tokenizer, stop_list(params.get("stop")), width, callers))
+        if any(caller.sink is not None for caller in callers):
+            from persllm.llm.local_stream import BatchStreamer
+
+            sinks = [caller.sink for caller in callers]
+            kwargs["streamer"] = BatchStreamer(tokenizer, sinks, end_ids(tokenizer))
         want_logprobs = bool(params.get("logprobs"))
         if want_logprobs:
             kwargs.update(output_logits=True, return_dict_in_generate=True)
@@ -272,7 +312,6 @@ class TransformersBackend:
             output = self.model.generate(**batch, **kwargs)
             seconds = time.perf_counter() - started
         sequences = output.sequences if want_logprobs else output
-        width = batch["input_ids"].shape[1]
         prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
         rows = [
             decode_row(tokenizer, row[width:].tolist(), params, int(n), seconds, len(conversations))
@@ -295,21 +334,6 @@ class TransformersBackend:
             return self.model.disable_adapter()
         self.model.set_adapter(adapter)
         return nullcontext()
-
-    async def stream(self, messages: list[Message], params: dict[str, Any]) -> AsyncIterator[str]:
-        """Yield the reply's text as it is generated (TextIteratorStreamer in a thread)."""
-        from persllm.llm.local_stream import stream_text
-
-        merged = merge_params(self.cfg.params, params)
-        adapter = self.adapter_name(merged)
-        if adapter in self._isolated:
-            async for piece in self._isolated[adapter].stream(messages, {**merged, "adapter": DEFAULT}):
-                yield piece
-            return
-        await asyncio.to_thread(self.load)
-        tokenizer = self._tokenizers.get(adapter or "", self.tokenizer)
-        async for piece in stream_text(self, tokenizer, messages, merged, adapter):
-            yield piece
 
     # ------------------------------------------------------------------ scoring
 
@@ -382,6 +406,63 @@ class TransformersBackend:
 def _group_key(pending: _Pending) -> str:
     sampling = {k: v for k, v in pending.params.items() if k not in NOT_SAMPLING}
     return canonical_json([sampling, pending.adapter])
+
+
+def _finish(pending: _Pending, result: Completion) -> None:
+    if pending.sink is not None:
+        pending.sink.close()  # normally closed already, when its row ended
+    elif pending.future is not None and not pending.future.done():
+        pending.future.set_result(result)
+
+
+def _fail(pending: _Pending, error: Exception) -> None:
+    if pending.sink is not None:
+        pending.sink.close(error)
+    elif pending.future is not None and not pending.future.done():
+        pending.future.set_exception(error)
+
+
+def row_stopping(
+    tokenizer: Any, stops: list[str], prompt_width: int, callers: Sequence[_Pending]
+) -> dict[str, Any]:
+    """``model.generate``'s ``stopping_criteria`` that end single rows of a batch: a row whose generated
+    text holds one of ``stops``, and a row whose caller has gone. The batch ends when every row has, or
+    at once when the process is asked to stop (Ctrl-C, SIGTERM: a worker thread gets no KeyboardInterrupt).
+    """
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    from persllm.interrupts import stop_requested
+
+    # A byte-level token can be a quarter of a character: this many tokens hold the longest stop string.
+    window = 4 * max((len(s) for s in stops), default=0) + 1
+
+    class StopStringSeen(StoppingCriteria):
+        # transformers' own stop_strings precompute a table over the whole vocabulary for every new
+        # set of strings (seconds per request on a 50k vocabulary); decoding each row's tail is cheap.
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> Any:
+            tails = input_ids[:, prompt_width:][:, -window:].tolist()
+            texts = tokenizer.batch_decode(tails, skip_special_tokens=True)
+            seen = [any(stop in text for stop in stops) for text in texts]
+            return torch.tensor(seen, dtype=torch.bool, device=input_ids.device)
+
+    class CallerGone(StoppingCriteria):
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> Any:
+            gone = [caller.gone for caller in callers]
+            return torch.tensor(gone, dtype=torch.bool, device=input_ids.device)
+
+    class ProcessStopping(StoppingCriteria):
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> Any:
+            return torch.full(
+                (input_ids.shape[0],), stop_requested(), dtype=torch.bool, device=input_ids.device
+            )
+
+    criteria = [
+        ProcessStopping(),
+        *([StopStringSeen()] if stops else []),
+        *([CallerGone()] if callers else []),
+    ]
+    return {"stopping_criteria": StoppingCriteriaList(criteria)}
 
 
 # ---------------------------------------------------------------------- plain helpers
@@ -487,9 +568,6 @@ def generation_kwargs(params: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
         kwargs.update(do_sample=True, temperature=temperature, top_p=float(params.get("top_p", 1.0)))
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    stops = stop_list(params.get("stop"))
-    if stops:
-        kwargs.update(stop_strings=stops, tokenizer=tokenizer)
     return kwargs
 
 
@@ -497,11 +575,7 @@ def decode_row(
     tokenizer: Any, ids: list[int], params: dict[str, Any], prompt_tokens: int, seconds: float, batch: int
 ) -> Completion:
     """One generated row as a Completion: cut at end-of-text or padding, then at the first stop string."""
-    ends = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-    ends.update(
-        tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>") if t in tokenizer.vocab
-    )
-    ends.discard(None)
+    ends = end_ids(tokenizer)
     length = next((i for i, token in enumerate(ids) if token in ends), None)
     finished = length is not None
     ids = ids if length is None else ids[:length]
@@ -511,6 +585,16 @@ def decode_row(
     hit_limit = not finished and len(ids) >= int(params.get("max_tokens", 256))
     finish = "length" if hit_limit and not stopped else "stop"
     return Completion(text, finish, prompt_tokens, len(ids), seconds, extra={"batch_size": batch})
+
+
+def end_ids(tokenizer: Any) -> set[int]:
+    """Tokens after which a generated row holds nothing more: end of text, and padding."""
+    ends = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    ends.update(
+        tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>") if t in tokenizer.vocab
+    )
+    ends.discard(None)
+    return {int(token) for token in ends}
 
 
 def token_logprobs(tokenizer: Any, ids: list[int], steps: list[Any], top: int) -> list[dict[str, Any]]:

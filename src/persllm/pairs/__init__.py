@@ -13,7 +13,7 @@ from collections.abc import Coroutine
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
-from persllm.curate import data_dir, load_annotations, stage_fingerprint
+from persllm.curate import load_annotations, stage_fingerprint
 from persllm.curate.filters import is_well_formed
 from persllm.curate.stats import curated_format, update_stats
 from persllm.errors import UserError
@@ -46,15 +46,13 @@ def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]
     persona_ids = list(dict.fromkeys(personas or project.personas))
     for persona_id in persona_ids:
         project.persona(persona_id)
-        sft_train = data_dir(project, persona_id) / "sft_train.jsonl"
+        sft_train = project.layout.sft_train(persona_id)
         if not sft_train.exists():
             raise UserError(f"{sft_train}: persona {persona_id!r} is not curated; run `persllm curate` first")
 
     # Sources: every curated persona's training side (the others supply cross-persona neighbours).
     train = {
-        pid: train_records(project, pid)
-        for pid in project.personas
-        if (data_dir(project, pid) / "sft_train.jsonl").exists()
+        pid: train_records(project, pid) for pid in project.personas if project.layout.sft_train(pid).exists()
     }
 
     # Rejected answers from each enabled source.
@@ -75,8 +73,8 @@ def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]
     summary: dict[str, Any] = {}
     for persona_id in persona_ids:
         persona = project.persona(persona_id)
-        out = data_dir(project, persona_id)
-        cot, style = curated_format(out / "stats.json", project.config.curate)
+        layout = project.layout
+        cot, style = curated_format(layout.stats(persona_id), project.config.curate)
         counts = {provenance: Counter[str]() for provenance in PROVENANCES}
         rows = []
         mine = [c for c in candidates if c.record["persona"] == persona_id]
@@ -94,13 +92,13 @@ def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]
                 continue
             tally["kept"] += 1
             rows.append(pair_row(candidate, persona, cot, style))
-        write_jsonl(out / "dpo_train.jsonl", rows)
+        write_jsonl(layout.dpo_train(persona_id), rows)
         stats = {
             "sources": len(train[persona_id]),
             "pairs": len(rows),
             "provenance": {p: {k: counts[p][k] for k in OUTCOMES} for p in PROVENANCES},
         }
-        update_stats(out / "stats.json", "pairs", stats)
+        update_stats(layout.stats(persona_id), "pairs", stats)
         summary[persona_id] = stats
 
     # Manifest: the pipeline's fingerprint, so `persllm run` skips an unchanged pairs stage.
@@ -120,7 +118,7 @@ def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]
 
 def train_records(project: "Project", persona_id: str) -> list[dict[str, Any]]:
     """The annotation records on the training side of a persona's curated split, sorted by id."""
-    rows = read_jsonl(data_dir(project, persona_id) / "sft_train.jsonl")
+    rows = read_jsonl(project.layout.sft_train(persona_id))
     ids = {row["meta"]["id"] for row in rows if row.get("meta", {}).get("kind") != "general"}
     chosen: dict[str, dict[str, Any]] = {}
     for record in load_annotations(project, persona_id):
@@ -137,7 +135,7 @@ async def regenerate(project: "Project", train: dict[str, list[dict[str, Any]]])
     from persllm.pairs import sources
 
     cfg = project.config.pairs
-    cache = CallCache(project.run_dir / "cache.sqlite")
+    cache = CallCache(project.layout.cache)
     backends: list[ChatBackend] = []
     try:
         jobs: list[Coroutine[Any, Any, list[Candidate]]] = []

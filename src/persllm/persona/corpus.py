@@ -219,9 +219,12 @@ def read_stage_chunks(project: Project, persona_id: str, stage_id: str) -> list[
     """
     max_words = project.config.corpus.max_words
     chunks: list[Chunk] = []
+    files: list[Path] = []
     for kind in KINDS:
         seen: set[str] = set()
         for path in project.stage_files(persona_id, stage_id, kind):
+            check_size(project, path)
+            files.append(path)
             source = ref_path(path, project.root)
             for line, text in file_pieces(path, max_words):
                 if text in seen:
@@ -238,4 +241,21 @@ def read_stage_chunks(project: Project, persona_id: str, stage_id: str) -> list[
                         words=len(text.split()),
                     )
                 )
+    if not chunks:
+        names = ", ".join(ref_path(path, project.root) for path in files)
+        raise UserError(
+            f"{project.persona_paths.get(persona_id, project.config_path)}: stage {stage_id!r}: its files "
+            f"hold no text ({names}); add the person's material or remove the stage"
+        )
     return chunks
+
+
+def check_size(project: Project, path: Path) -> None:
+    """A corpus file over ``corpus.max_file_mb`` is refused before it is read into memory."""
+    limit = project.config.corpus.max_file_mb
+    size = path.stat().st_size
+    if size > limit * 2**20:
+        raise UserError(
+            f"{path}: {size / 2**20:.1f} MB is over corpus.max_file_mb ({limit} MB); split it into "
+            f"smaller files, or raise corpus.max_file_mb in {project.config_path.name}"
+        )

@@ -120,7 +120,7 @@ def build_lora(project: Project, stage: str, model: Model | None = None, new_tok
 
 def validate_trl_blocks(project: Project) -> None:
     """Build both TRL configs and both LoRA configs now, so a typo fails before a model is loaded."""
-    scratch = project.run_dir / "models" / "_validate"
+    scratch = project.layout.models / "_validate"
     for stage in ("sft", "dpo"):
         build_trl_args(project, stage, scratch, {})
         build_lora(project, stage)
@@ -310,22 +310,42 @@ def _renders_like(tokenizer: Tokenizer, serving: str, candidate: str) -> bool:
 
 def model_dirs(project: Project, persona_id: str, stage: str) -> tuple[Path, Path]:
     """(final model folder, checkpoint folder) of one persona's ``stage`` ('sft' or 'dpo')."""
-    models = project.run_dir / "models" / persona_id
-    return models / stage, models / "checkpoints" / stage
+    return project.layout.model(persona_id, stage), project.layout.checkpoints(persona_id, stage)
 
 
 def checkpoint_to_resume(checkpoints: Path, resume: bool) -> str | None:
-    """The last checkpoint when resuming; a fresh run first clears checkpoints of the run it replaces."""
+    """The newest complete checkpoint when resuming (a torn one, cut short by a kill while saving, is
+    skipped with a warning); a fresh run first clears the checkpoints of the run it replaces."""
     from accelerate import PartialState
-    from transformers.trainer_utils import get_last_checkpoint
 
     if resume:
-        return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        found = sorted(
+            (path for path in checkpoints.glob("checkpoint-*") if path.name.split("-")[-1].isdigit()),
+            key=lambda path: int(path.name.split("-")[-1]),
+            reverse=True,
+        )
+        for path in found:
+            if complete_checkpoint(path):
+                return str(path)
+            print(f"warning: {path} is incomplete (stopped while saving?); resuming from an earlier one")
+        return None
     state = PartialState()
     if state.is_main_process and checkpoints.exists():
         shutil.rmtree(checkpoints)
     state.wait_for_everyone()
     return None
+
+
+def complete_checkpoint(path: Path) -> bool:
+    """A checkpoint the trainer can resume from: its state, its weights and its optimizer all written."""
+    weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+    return (path / "trainer_state.json").is_file() and weights and (path / "optimizer.pt").is_file()
+
+
+def drop_checkpoints(project: Project, stage: str, checkpoints: Path) -> None:
+    """Once the final model is written its checkpoints are dead weight, unless `<stage>.keep_checkpoints`."""
+    if not getattr(project.config, stage).keep_checkpoints:
+        shutil.rmtree(checkpoints, ignore_errors=True)
 
 
 def summarise(trainer: "Trainer", output: Any, started: float, extra: dict[str, Any]) -> dict[str, Any]:

@@ -56,6 +56,9 @@ class SFTConfig(Section):
         "max_steps, save_steps, packing, ...).",
     )
     assistant_only_loss: bool = Field(True, description="Train only on the assistant turns.")
+    keep_checkpoints: bool = Field(
+        False, description="Keep models/<persona>/checkpoints/sft after the final model is written."
+    )
 
 
 class DPOConfig(Section):
@@ -71,4 +74,7 @@ class DPOConfig(Section):
         default_factory=lambda: dict(DPO_TRL_DEFAULTS),
         description="trl.DPOConfig arguments, merged over persllm's defaults (beta, learning_rate, "
         "max_steps, ...).",
+    )
+    keep_checkpoints: bool = Field(
+        False, description="Keep models/<persona>/checkpoints/dpo after the final model is written."
     )

@@ -34,7 +34,6 @@ def run(project: Project, persona_id: str, resume: bool = False, **overrides: An
 
     cfg = project.config.dpo
     persona = project.persona(persona_id)
-    data_dir = project.run_dir / "data" / persona.id
     sft_dir, _ = common.model_dirs(project, persona.id, "sft")
     out_dir, checkpoints = common.model_dirs(project, persona.id, "dpo")
 
@@ -49,7 +48,8 @@ def run(project: Project, persona_id: str, resume: bool = False, **overrides: An
             f"persllm train sft {project.config_path} --persona {persona.id}"
         )
     pair_columns = ["prompt", "chosen", "rejected"]
-    train_set = common.read_dataset(data_dir / "dpo_train.jsonl", pair_columns, "persllm pairs CONFIG")
+    dpo_train = project.layout.dpo_train(persona.id)
+    train_set = common.read_dataset(dpo_train, pair_columns, "persllm pairs CONFIG")
 
     # Policy and reference, both from the SFT model; the tokenizer (stage tokens, template) comes with it.
     sft_info = common.read_training_json(sft_dir)
@@ -120,6 +120,7 @@ def run(project: Project, persona_id: str, resume: bool = False, **overrides: An
     common.save_final(trainer, tokenizer, out_dir, info, common.card_text(project, persona.id, info))
     if trainer.is_world_process_zero():
         common.record(project, "train_dpo", persona.id, info)
+        common.drop_checkpoints(project, "dpo", checkpoints)
     return info
 
 

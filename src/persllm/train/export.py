@@ -34,6 +34,8 @@ def run(project: Project, persona_id: str, out: Path, variant: str | None = None
     """
     persona = project.persona(persona_id)
     variant = variant or pick_variant(project, persona.id)
+    if variant not in VARIANTS:
+        raise UserError(f"--model {variant}: use one of {', '.join(VARIANTS)}")
     source, _ = common.model_dirs(project, persona.id, variant)
     out = Path(out)
     _check_target(out)
@@ -69,7 +71,7 @@ def pick_variant(project: Project, persona_id: str) -> str:
         if common.is_model_folder(common.model_dirs(project, persona_id, variant)[0]):
             return variant
     raise UserError(
-        f"{project.run_dir / 'models' / persona_id}: no trained model; "
+        f"{project.layout.models / persona_id}: no trained model; "
         f"run persllm train sft {project.config_path} --persona {persona_id} first"
     )
 

@@ -17,6 +17,7 @@ from typing import Any
 from persllm.config import Project
 from persllm.curate.format import system_prompt
 from persllm.errors import UserError
+from persllm.layout import GENERATION_GGUF
 from persllm.llm.bundled import SMOLLM2
 from persllm.llm.transformers_backend import saves_modules, weights_fingerprint
 from persllm.train import common
@@ -25,7 +26,6 @@ from persllm.train.gguf_export import check_file_type, modelfile_text, write_ggu
 
 MARKER = "persllm_gguf.json"
 BASE_FILE = "base.gguf"
-GENERATION_GGUF = "persllm-generation.f16.gguf"
 
 
 def is_base_adapter(folder: Path) -> bool:
@@ -129,7 +129,7 @@ def generation_base(project: Project) -> Path:
     if model == SMOLLM2 or model.endswith(".gguf"):
         return gguf_path(model)
     source = Path(common.base_model_name(project))
-    out = project.run_dir / "models" / GENERATION_GGUF
+    out = project.layout.generation_gguf()
     return _current(out, _fingerprint(source), lambda: _write_base(project, source, out))
 
 
@@ -137,7 +137,7 @@ def generation_adapter(project: Project, persona_id: str, folder: Path) -> tuple
     """(GGUF file, is an adapter) for a trained folder under ``base_model.backend: llamacpp``: a LoRA
     adapter file of the base (F32, exact), or a merged model file for a persona that cannot be one."""
     if is_base_adapter(folder):
-        out = folder.with_name(f"{folder.name}.lora.gguf")
+        out = project.layout.lora_gguf(persona_id, folder.name)
         config = _base_config(project)
         name = f"{persona_id} ({folder.name})"
         made = _current(out, _fingerprint(folder), lambda: write_lora_gguf(folder, config, out, name, "f32"))

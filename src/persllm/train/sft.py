@@ -34,7 +34,6 @@ def run(project: Project, persona_id: str, resume: bool = False, **overrides: An
 
     cfg = project.config.sft
     persona = project.persona(persona_id)
-    data_dir = project.run_dir / "data" / persona.id
     out_dir, checkpoints = common.model_dirs(project, persona.id, "sft")
 
     # Config first: a typo in sft.trl or sft.lora fails before anything is loaded.
@@ -43,8 +42,8 @@ def run(project: Project, persona_id: str, resume: bool = False, **overrides: An
 
     # Data: TRL's conversational form; meta stays out of the trainer.
     make_it = "persllm curate CONFIG"
-    train_set = common.read_dataset(data_dir / "sft_train.jsonl", ["messages"], make_it)
-    test_path = data_dir / "sft_test.jsonl"
+    train_set = common.read_dataset(project.layout.sft_train(persona.id), ["messages"], make_it)
+    test_path = project.layout.sft_test(persona.id)
     test_set = common.read_dataset(test_path, ["messages"], make_it) if common.has_rows(test_path) else None
 
     # Model and tokenizer; with stage_labels.kind: new_tokens, the labels become new (mean-initialised) rows.
@@ -99,7 +98,7 @@ def run(project: Project, persona_id: str, resume: bool = False, **overrides: An
             "stage_labels": {stage.id: stage.label for stage in persona.stages},
             "stage_tokens": common.single_token_ids(tokenizer, labels),
             "added_token_ids": new_ids,
-            "system_prompt": curated_format(data_dir / "stats.json", project.config.curate)[1],
+            "system_prompt": curated_format(project.layout.stats(persona.id), project.config.curate)[1],
             "train_rows": len(train_set),
             "test_rows": len(test_set) if test_set is not None else 0,
             "config": {
@@ -112,4 +111,5 @@ def run(project: Project, persona_id: str, resume: bool = False, **overrides: An
     common.save_final(trainer, tokenizer, out_dir, info, common.card_text(project, persona.id, info))
     if trainer.is_world_process_zero():
         common.record(project, "train_sft", persona.id, info)
+        common.drop_checkpoints(project, "sft", checkpoints)
     return info
