@@ -159,3 +159,28 @@ def test_smollm2_pooled_greedy_replies_equal_alone(tmp_path: Path) -> None:
         alone.release()
     base_replies = [c.text for c in pool.generate_batch(PROMPTS, {**params, "adapter": "base"})]
     assert len({tuple(r) for r in [*replies.values(), base_replies]}) >= 3  # the adapters change the replies
+
+
+def test_shared_prompt_logprobs_equal_one_pass_per_row(
+    tiny_model_dir: Path, adapters: dict[str, Path]
+) -> None:
+    """Candidates scored on one prompt's key/value cache equal each row run whole, adapter or not."""
+    pool = TransformersBackend(LLMConfig(model=str(tiny_model_dir), device="cpu", concurrency=3))
+    pool.add_adapter("plain0", adapters["plain0"])
+    candidates = [*REPLIES, "A", "The keeper's log is full of fog, and the fog of names."]
+    conversations = [PROMPTS[0]] * len(candidates) + [PROMPTS[1]]
+    replies = [*candidates, REPLIES[1]]
+    for adapter in ("plain0", "base"):
+        whole = pool.reply_logits(conversations, replies, {"adapter": adapter})
+        tokenizer = pool.tokenizer
+        expected = []
+        for logits, reply in zip(whole, replies, strict=True):
+            ids = torch.tensor(tokenizer(reply, add_special_tokens=False)["input_ids"])
+            expected.append(torch.log_softmax(logits, dim=-1)[torch.arange(len(ids)), ids].tolist())
+        shared = pool.reply_logprobs(conversations, replies, {"adapter": adapter})
+        for got, want in zip(shared, expected, strict=True):
+            assert len(got) == len(want) > 0
+            assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-4
+        cut = pool.reply_logprobs(conversations, replies, {"adapter": adapter}, max_reply_tokens=2)
+        assert [len(row) for row in cut] == [min(2, len(row)) for row in expected]
+        assert all(c == pytest.approx(e[: len(c)], abs=1e-4) for c, e in zip(cut, expected, strict=True))

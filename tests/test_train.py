@@ -244,6 +244,21 @@ def test_dpo_margin_rises_and_adapter_is_saved(trained: Project) -> None:
     assert margins[-1] > margins[0] + 0.1
     assert (folder / "adapter_model.safetensors").exists() and not (folder / "ref").exists()
     assert info["adapter_base"] == "base_model" and info["reference"].endswith("models/elsie/sft")
+    # Pairs it never trained on: the policy prefers the chosen reply more than the SFT model does.
+    pairs = len(QUESTIONS) * 2
+    held = info["heldout_pairs"]
+    assert (
+        info["heldout_rows"] == held["pairs"] == round(0.15 * pairs)
+        and info["train_rows"] == pairs - held["pairs"]
+    )
+    assert held["margin"]["value"] > 0 and held["accuracy"]["value"] == 1.0
+    assert held["accuracy"]["low"] <= held["accuracy"]["value"] <= held["accuracy"]["high"]
+    assert (
+        json.loads((trained.run_dir / "manifest.json").read_text())["stages"]["train_dpo"]["personas"][
+            "elsie"
+        ]["heldout_pairs"]
+        == held
+    )
 
 
 def test_dpo_refuses_an_sft_adapter_from_another_base_model(trained: Project, tmp_path: Path) -> None:

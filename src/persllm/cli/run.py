@@ -52,6 +52,8 @@ def run_command(
     typer.echo(pipeline.format_summary(results))
     typer.echo(f"run folder: {project.run_dir}")
     typer.echo(headline(project.layout.eval))
+    for line in dpo_lines(project):
+        typer.echo(line)
     first = next(iter(project.personas.values()))
     typer.echo(
         f"chat with the result: persllm chat {project.config_path} --persona {first.id} "
@@ -74,6 +76,7 @@ def headline(eval_dir: Path) -> str:
     systems = metrics.get("systems", {})
     baseline = metrics.get("settings", {}).get("baseline", "prompt")
     lines = [f"report: {eval_dir / 'report.html'}"]
+    lines += likelihood_lines(metrics.get("likelihood") or {}, baseline)
     for key, title in SETS:
         names = [name for name, data in systems.items() if key in data]
         if not names:
@@ -102,6 +105,60 @@ def aligned(table: list[list[str]]) -> list[str]:
     return [
         "".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in table
     ]
+
+
+def dpo_lines(project: Any) -> list[str]:
+    """Per persona, whether DPO learnt: its reward accuracy and margin on held-out pairs."""
+    from persllm.evaluate.report import fmt_estimate
+
+    lines = []
+    for persona_id in project.personas:
+        path = project.layout.model(persona_id, "dpo") / "training.json"
+        if not path.exists():
+            continue
+        held = json.loads(path.read_text(encoding="utf-8")).get("heldout_pairs") or {}
+        if "accuracy" in held:
+            verdict = "learnt" if held["accuracy"].get("above_chance") else "not shown to learn"
+            lines.append(
+                f"dpo {persona_id}: {held['pairs']} held-out pairs, reward accuracy "
+                f"{fmt_estimate(held['accuracy'])} (chance 0.5), margin {fmt_estimate(held['margin'])}: "
+                f"{verdict}"
+            )
+        elif held:
+            lines.append(f"dpo {persona_id}: no held-out reward ({held.get('skipped')})")
+    return ["", *lines] if lines else []
+
+
+def likelihood_lines(likelihood: dict[str, Any], baseline: str) -> list[str]:
+    """The likelihood metrics per system with chance beside them, and the personified model minus the
+    baseline: what the summary leads with."""
+    from persllm.evaluate.likelihood import LOWER_IS_BETTER, METRICS
+    from persllm.evaluate.report import fmt_estimate
+
+    systems = likelihood.get("systems") or {}
+    if not systems:
+        return []
+    names = list(systems)
+    personified = next((name for name in ("sft+dpo", "sft") if name in names), None)
+    difference = (likelihood.get("differences") or {}).get(personified or "", {})
+    chance = likelihood.get("chance") or {}
+    table = [["metric", *names, "chance", *([f"{personified} - {baseline}"] if difference else [])]]
+    for metric in METRICS:
+        cells = [fmt_estimate(systems[name].get(metric)) for name in names]
+        level = chance.get(metric)
+        cells.append("–" if level is None else f"{level:.3f}")
+        if difference:
+            estimate = difference.get(metric)
+            mark = " *" if estimate and estimate.get("excludes_zero") else ""
+            cells.append(fmt_estimate(estimate, signed=True) + mark)
+        if any(cell != "–" for cell in cells[: len(names)]):
+            table.append([metric + (" (lower better)" if metric in LOWER_IS_BETTER else ""), *cells])
+    items = (likelihood.get("counts") or {}).get("items")
+    title = (
+        f"\nlikelihood of the real held-out words: {items} passages, each system scoring the real passage "
+        "against decoys and under every stage; 95% paired bootstrap intervals (* excludes 0)"
+    )
+    return [title, *aligned(table)]
 
 
 def robustness_lines(robustness: dict[str, Any], baseline: str) -> list[str]:

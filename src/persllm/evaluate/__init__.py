@@ -33,7 +33,7 @@ def run(
     from persllm.cot import split_inline
     from persllm.errors import UserError
     from persllm.evaluate import judge as judging
-    from persllm.evaluate import personality, report, robustness, scores
+    from persllm.evaluate import likelihood, personality, report, robustness, scores
     from persllm.evaluate.metrics import DEFINITIONS
     from persllm.evaluate.systems import (
         Request,
@@ -67,7 +67,7 @@ def run(
             "run `persllm annotate` and `persllm curate` first"
         )
     for persona_id in sorted(set(project.personas) - {item.persona for item in golden}):
-        skipped[f"persona {persona_id}"] = f"no annotator test items in {project.layout.data_dir(persona_id)}"
+        skipped[f"persona {persona_id} (annotator-golden)"] = no_golden_reason(project, persona_id)
     for persona_id in sorted(set(project.personas) - {item.persona for item in heldout}):
         skipped[f"persona {persona_id} (held-out)"] = (
             "no held-out own words with questions: set holdout.share above 0 and annotate.heldout_questions"
@@ -104,18 +104,31 @@ def run(
     backends: dict[str, Any] = {}
     names = ", ".join(system.name for system in planned)
     print(f"eval: {len(requests)} answers from {names} on {len(items)} items", file=sys.stderr, flush=True)
+    timings: dict[str, float] = {}
+    clock = time.monotonic()
+
+    def lap(part: str) -> None:
+        nonlocal clock
+        timings[part] = round(time.monotonic() - clock, 1)
+        clock = time.monotonic()
+
     try:
         completions = generate(project, requests, params, cache, backends)
+        lap("generation")
+        fidelity = likelihood.run(project, planned, items, context, backends, skipped)
+        lap("likelihood")
         traits = (
             personality.interview(project, planned, cache, judge_cfg, skipped, backends)
             if cfg.questionnaire
             else {}
         )
+        lap("questionnaire")
         probe_records, robust = (
             robustness.run(project, planned, cache, backends, judge_cfg, encode)
             if cfg.robustness.enabled
             else ([], {})
         )
+        lap("robustness")
     finally:
         close(backends)
     by_id = {item.id: item for item in items}
@@ -137,8 +150,11 @@ def run(
     elif cfg.second_judge is not None:
         skipped["second_judge"] = "eval.second_judge needs eval.judge (agreement is between two judges)"
 
+    lap("judge")
+
     # Metrics, with paired bootstrap intervals over items.
     scored = scores.score(project, rows, encode, cfg.baseline, cfg.resamples)
+    lap("scoring")
 
     # Outputs: generations, metrics, report; the manifest last.
     result: dict[str, Any] = {
@@ -160,6 +176,7 @@ def run(
             "resamples": cfg.resamples,
             "confidence": 0.95,
         },
+        "seconds": timings,
         "counts": {
             "items": len(items),
             "golden_items": len(golden),
@@ -173,6 +190,7 @@ def run(
         "judging": judging.hygiene(rows, cfg.baseline, cfg.resamples, project.config.seed)
         if judge_cfg
         else {},
+        "likelihood": fidelity,
         "robustness": robust,
     }
     write_jsonl(project.layout.generations, rows)
@@ -196,6 +214,28 @@ def run(
         second_judge=cfg.second_judge.model_dump(mode="json") if cfg.second_judge and judge_cfg else None,
     )
     return result
+
+
+def no_golden_reason(project: "Project", persona_id: str) -> str:
+    """Why a persona has no annotator-golden items: nothing annotator-written was planned, the test share
+    is 0, or the test file is empty for another reason."""
+    annotate = project.config.annotate
+    shares = annotate.own_words_shares(project.config.annotator.model)
+    written = {
+        kind: count
+        for kind, count in annotate.counts.model_dump().items()
+        if count and (kind == "misleading" or shares.get(kind, 0.0) < 1.0)
+    }
+    if not written:
+        return (
+            "the annotation plans no annotator-written dialogues (annotate.counts and own_words_share give "
+            "every reply from the person's own words), so there is no annotator-golden set; the held-out "
+            "own words are the evaluation"
+        )
+    if project.config.curate.test_fraction == 0:
+        return "curate.test_fraction is 0: no annotator-written dialogue is held out for testing"
+    test = project.layout.sft_test(persona_id)
+    return f"{test} is empty: too few annotator-written dialogues to hold one out"
 
 
 def row_of(request: Any, item: Any, completion: Any, split: tuple[str, str]) -> dict[str, Any]:

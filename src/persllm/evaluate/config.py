@@ -1,6 +1,6 @@
 """Settings of the evaluation stage."""
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -39,6 +39,25 @@ class RobustnessConfig(Section):
     turn_timeout_s: float = Field(120.0, gt=0, description="Seconds before an emulator turn is given up.")
 
 
+DecoyKind = Literal["other_stage", "other_persona", "same_stage"]
+DECOY_KINDS: tuple[DecoyKind, ...] = ("other_stage", "other_persona", "same_stage")
+
+
+class LikelihoodConfig(Section):
+    enabled: bool = Field(
+        True,
+        description="Score every system's likelihood of the held-out real words, with decoys and stages.",
+    )
+    decoys: list[DecoyKind] = Field(
+        default_factory=lambda: list(DECOY_KINDS),
+        description="Decoy passages the real one must beat: same persona at another stage, another "
+        "persona, the same stage.",
+    )
+    max_tokens: int = Field(
+        96, ge=8, description="Tokens of each passage scored (the first ones; long passages are cut)."
+    )
+
+
 class EvalConfig(Section):
     systems: list[str] = Field(
         default_factory=lambda: ["prompt", "rag", "sft", "sft+dpo"],
@@ -60,6 +79,10 @@ class EvalConfig(Section):
     robustness: RobustnessConfig = Field(
         default_factory=RobustnessConfig,
         description="Stage boundary, induction and conversation probes (docs/concepts.md).",
+    )
+    likelihood: LikelihoodConfig = Field(
+        default_factory=LikelihoodConfig,
+        description="Held-out likelihood, pick-the-real-reply and stage discrimination (no judge needed).",
     )
     baseline: str = Field(
         "prompt", description="System every other one is compared with in pairwise preference."

@@ -66,8 +66,10 @@ def fmt(value: Any) -> str:
 
 
 def metric_table(systems: dict[str, Any], names: list[str]) -> Block:
-    shown = [n for n in names if any(s.get("overall", {}).get(n) is not None for s in systems.values())]
-    rows = [[name, *(fmt(s.get("overall", {}).get(n)) for n in shown)] for name, s in systems.items()]
+    """Systems x ``names`` of the annotator-golden set, or of the held-out set when there is none."""
+    key = "overall" if any(s.get("overall", {}).get("n") for s in systems.values()) else "heldout"
+    shown = [n for n in names if any(s.get(key, {}).get(n) is not None for s in systems.values())]
+    rows = [[name, *(fmt(s.get(key, {}).get(n)) for n in shown)] for name, s in systems.items()]
     return ("table", ["system", *shown], rows)
 
 
@@ -172,6 +174,7 @@ def build_blocks(metrics: dict[str, Any], rows: list[dict[str, Any]], plots: dic
     skipped = settings.get("skipped") or {}
     if skipped:
         blocks += [("h2", "Skipped"), ("list", [f"{name}: {why}" for name, why in skipped.items()])]
+    blocks += likelihood_blocks(metrics.get("likelihood") or {}, settings.get("baseline", "prompt"), plots)
     blocks += set_blocks(
         metrics,
         "heldout",
@@ -204,6 +207,36 @@ def build_blocks(metrics: dict[str, Any], rows: list[dict[str, Any]], plots: dic
         blocks += [("img", plots["personality"], "personality")] if "personality" in plots else []
     blocks += [("h2", "Definitions"), ("list", [f"{name}: {text}" for name, text in definitions.items()])]
     blocks += [("h2", "Examples"), examples_table(rows)]
+    return blocks
+
+
+def likelihood_blocks(likelihood: dict[str, Any], baseline: str, plots: dict[str, str]) -> list[Block]:
+    """How likely each system finds the real held-out words: values with intervals, chance, differences."""
+    from persllm.evaluate.likelihood import METRICS
+
+    systems = likelihood.get("systems") or {}
+    if not systems:
+        return []
+    counts, chance = likelihood.get("counts", {}), likelihood.get("chance", {})
+    shown = [m for m in METRICS if any(s.get(m, {}).get("value") is not None for s in systems.values())]
+    body = [[name, *(fmt_estimate(data.get(m)) for m in shown)] for name, data in systems.items()]
+    body.append(["chance", *(fmt(chance.get(m)) for m in shown)])
+    blocks: list[Block] = [
+        ("h2", "Likelihood of the real words"),
+        (
+            "p",
+            f"{counts.get('items')} held-out passages; each system scores the person's real passage as the "
+            f"reply to its question under its own prompt (the first {likelihood.get('max_tokens')} tokens), "
+            "against decoy passages and under each of the persona's stages. No judge and no generation. "
+            "heldout_nll is nats per token, lower is better; the rest are shares (chance in the last row) "
+            "and stage_margin is nats per token, above 0 when the passage's own stage fits it better.",
+        ),
+        ("table", ["system", *shown], body),
+    ]
+    differences = likelihood.get("differences") or {}
+    if differences:
+        blocks.append(difference_table(differences, baseline, shown))
+    blocks += [("img", plots["likelihood"], "likelihood")] if "likelihood" in plots else []
     return blocks
 
 
@@ -340,21 +373,59 @@ def make_plots(folder: Path, metrics: dict[str, Any]) -> dict[str, str]:
         shown = [m for m in metric_names if any(s.get(key, {}).get(m) is not None for s in systems.values())]
         if not shown:
             continue
-        fig, axes = plt.subplots(1, len(shown), figsize=(2.6 * len(shown), 3.0), squeeze=False)
-        for ax, metric in zip(axes[0], shown, strict=True):
-            values = [systems[s].get(key, {}).get(metric) or 0.0 for s in systems]
-            ax.bar(range(len(systems)), values, color=[f"C{i}" for i in range(len(systems))])
-            ax.set_xticks(range(len(systems)), list(systems), rotation=30, ha="right", fontsize=8)
-            ax.set_title(f"{metric} ({'held-out' if key == 'heldout' else 'golden'})", fontsize=9)
-            ax.tick_params(axis="y", labelsize=8)
-        fig.tight_layout()
-        fig.savefig(folder / f"{name}.png", dpi=90)
-        plt.close(fig)
-        made[name] = f"plots/{name}.png"
+        label = "held-out" if key == "heldout" else "golden"
+        panels = {
+            f"{metric} ({label})": {
+                system: data.get(f"{key}_ci", {}).get(metric) or {"value": data.get(key, {}).get(metric)}
+                for system, data in systems.items()
+            }
+            for metric in shown
+        }
+        made[name] = _bar_panels(plt, folder / f"{name}.png", panels, {})
+    likelihood = metrics.get("likelihood") or {}
+    if likelihood.get("systems"):
+        from persllm.evaluate.likelihood import METRICS
+
+        chance = likelihood.get("chance") or {}
+        panels = {
+            metric: {system: data.get(metric) for system, data in likelihood["systems"].items()}
+            for metric in METRICS
+            if any((d.get(metric) or {}).get("value") is not None for d in likelihood["systems"].values())
+        }
+        made["likelihood"] = _bar_panels(plt, folder / "likelihood.png", panels, chance)
     personality = metrics.get("personality") or {}
     if personality:
         made["personality"] = _personality_plot(plt, folder, personality)
     return made
+
+
+def _bar_panels(
+    plt: Any, path: Path, panels: dict[str, dict[str, Any]], lines: dict[str, float | None]
+) -> str:
+    """One bar chart per panel (system -> estimate dict), with 95% interval error bars where the estimate
+    has them and a dashed line at ``lines[panel]`` (chance) where given; returns the path for the report."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.0), squeeze=False)
+    for ax, (title, estimates) in zip(axes[0], panels.items(), strict=True):
+        names = list(estimates)
+        values = [(estimates[n] or {}).get("value") or 0.0 for n in names]
+        bounds = [((estimates[n] or {}).get("low"), (estimates[n] or {}).get("high")) for n in names]
+        errors = None
+        if all(lo is not None and hi is not None for lo, hi in bounds):
+            errors = [
+                [max(v - float(lo or 0.0), 0.0) for v, (lo, _) in zip(values, bounds, strict=True)],
+                [max(float(hi or 0.0) - v, 0.0) for v, (_, hi) in zip(values, bounds, strict=True)],
+            ]
+        ax.bar(range(len(names)), values, yerr=errors, capsize=3, color=[f"C{i}" for i in range(len(names))])
+        if lines.get(title) is not None:
+            ax.axhline(float(lines[title] or 0.0), color="black", linestyle="--", linewidth=1, label="chance")
+            ax.legend(fontsize=7)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="y", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return f"plots/{path.name}"
 
 
 def _personality_plot(plt: Any, folder: Path, personality: dict[str, Any]) -> str:

@@ -16,6 +16,8 @@ annotator back-wrote for each; the reference is the real passage, which no train
 """
 
 import asyncio
+import sys
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -342,20 +344,39 @@ async def _generate(
         groups[(model_key, adapter, request.sample)].append(index)
 
     results: list[Completion | None] = [None] * len(requests)
+    progress = Progress("eval", "answers", len(requests))
     for (model_key, adapter, sample), indices in groups.items():
         backend = backends[model_key]
         call = {**params, "n_sample": sample, "adapter": adapter or None}
         if "seed" not in params:
             call["seed"] = project.config.seed + sample
         conversations = [requests[i].messages for i in indices]
+        answers: list[Completion] = []
         if hasattr(getattr(backend, "inner", backend), "generate_batch"):
-            answers = [
-                answer
-                for start in range(0, len(conversations), BATCH)
-                for answer in backend.generate_batch(conversations[start : start + BATCH], call)
-            ]
+            for start in range(0, len(conversations), BATCH):
+                answers += backend.generate_batch(conversations[start : start + BATCH], call)
+                progress.advance(len(conversations[start : start + BATCH]))
         else:
-            answers = await asyncio.gather(*(backend.generate(m, call) for m in conversations))
+            answers = list(await asyncio.gather(*(backend.generate(m, call) for m in conversations)))
+            progress.advance(len(conversations))
         for i, answer in zip(indices, answers, strict=True):
             results[i] = answer
     return [r for r in results if r is not None]
+
+
+class Progress:
+    """One stderr line per step: done of total, seconds so far, and about how many are left."""
+
+    def __init__(self, stage: str, unit: str, total: int) -> None:
+        self.stage, self.unit, self.total = stage, unit, total
+        self.done, self.started = 0, time.monotonic()
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        elapsed = time.monotonic() - self.started
+        left = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        print(
+            f"{self.stage}: {self.done}/{self.total} {self.unit}, {elapsed:.0f} s, about {left:.0f} s left",
+            file=sys.stderr,
+            flush=True,
+        )

@@ -17,7 +17,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -346,20 +346,100 @@ class TransformersBackend:
         ``params["adapter"]`` picks the weights as for ``generate``. Rows run in right-padded batches of
         ``cfg.concurrency``.
         """
+        adapter = self.adapter_name(merge_params(self.cfg.params, params))
+        if adapter in self._isolated:
+            return self._isolated[adapter].reply_logits(conversations, replies, {"adapter": DEFAULT})
+        out: list[Any] = [None] * len(conversations)
+        for index, logits in self._reply_batches(conversations, replies, adapter):
+            out[index] = logits
+        return out
+
+    def reply_logprobs(
+        self,
+        conversations: list[list[Message]],
+        replies: list[str],
+        params: dict[str, Any],
+        max_reply_tokens: int | None = None,
+    ) -> list[list[float]]:
+        """For each conversation, the log-probability of each token of its ``reply`` (at most the first
+        ``max_reply_tokens``).
+
+        Rows with the same prompt run together: the prompt once, then all their replies in one batch on
+        top of its key/value cache, so scoring k candidate replies to one prompt costs one prompt pass,
+        not k. Only one batch's logits are held at a time.
+        """
         import torch
 
         adapter = self.adapter_name(merge_params(self.cfg.params, params))
         if adapter in self._isolated:
-            return self._isolated[adapter].reply_logits(conversations, replies, {"adapter": DEFAULT})
+            return self._isolated[adapter].reply_logprobs(
+                conversations, replies, {"adapter": DEFAULT}, max_reply_tokens
+            )
+        self.load()
+        tokenizer = self._tokenizers.get(adapter or "", self.tokenizer)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        targets: list[list[int]] = []
+        for index, (messages, reply) in enumerate(zip(conversations, replies, strict=True)):
+            prompt, target = reply_ids(tokenizer, messages, reply)
+            groups.setdefault(tuple(prompt), []).append(index)
+            targets.append(target[:max_reply_tokens] if max_reply_tokens is not None else target)
+        pad = int(tokenizer.pad_token_id or 0)
+        out: list[list[float]] = [[] for _ in conversations]
+        for prompt_ids, members in groups.items():
+            prompt = list(prompt_ids)
+            for start in range(0, len(members), self.cfg.concurrency):
+                chunk = [i for i in members[start : start + self.cfg.concurrency] if targets[i]]
+                if not chunk:
+                    continue
+                width = max(len(targets[i]) for i in chunk)
+                with self._run_lock, torch.inference_mode(), self._adapter_context(adapter):
+                    head = self.model(
+                        input_ids=torch.tensor([prompt], device=self.device),
+                        use_cache=True,
+                        logits_to_keep=1,
+                    )
+                    first = torch.log_softmax(head.logits[0, -1].float(), dim=-1).cpu()
+                    rest = None
+                    if width > 1:
+                        cache = head.past_key_values
+                        cache.batch_repeat_interleave(len(chunk))
+                        body = torch.full((len(chunk), width - 1), pad, dtype=torch.long)
+                        for j, i in enumerate(chunk):
+                            body[j, : len(targets[i]) - 1] = torch.tensor(targets[i][:-1])
+                        positions = torch.arange(len(prompt), len(prompt) + width - 1).expand(len(chunk), -1)
+                        rest = self.model(
+                            input_ids=body.to(self.device),
+                            past_key_values=cache,
+                            position_ids=positions.to(self.device),
+                            attention_mask=torch.ones(
+                                (len(chunk), len(prompt) + width - 1), dtype=torch.long, device=self.device
+                            ),
+                        ).logits
+                for j, i in enumerate(chunk):
+                    target = targets[i]
+                    scores = [float(first[target[0]])]
+                    if rest is not None and len(target) > 1:
+                        steps = torch.log_softmax(rest[j, : len(target) - 1].float(), dim=-1).cpu()
+                        scores += steps[torch.arange(len(target) - 1), torch.tensor(target[1:])].tolist()
+                    out[i] = scores
+                del head, rest
+        return out
+
+    def _reply_batches(
+        self, conversations: list[list[Message]], replies: list[str], adapter: str | None
+    ) -> Iterator[tuple[int, Any]]:
+        """(row index, its reply logits [reply tokens, vocabulary] float32 on the CPU), one right-padded
+        batch of ``cfg.concurrency`` rows of similar length at a time."""
+        import torch
+
         self.load()
         tokenizer = self._tokenizers.get(adapter or "", self.tokenizer)
         rows = [reply_ids(tokenizer, m, r) for m, r in zip(conversations, replies, strict=True)]
-        out: list[Any] = [None] * len(rows)
         order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+        pad = int(tokenizer.pad_token_id or 0)
         for start in range(0, len(order), self.cfg.concurrency):
             chunk = order[start : start + self.cfg.concurrency]
             width = max(len(rows[i][0]) + len(rows[i][1]) for i in chunk)
-            pad = int(tokenizer.pad_token_id or 0)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for j, i in enumerate(chunk):
@@ -370,26 +450,8 @@ class TransformersBackend:
                 logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
             for j, i in enumerate(chunk):
                 prompt, reply = len(rows[i][0]), len(rows[i][1])
-                out[i] = logits[j, prompt - 1 : prompt + reply - 1].float().cpu()
-        return out
-
-    def reply_logprobs(
-        self, conversations: list[list[Message]], replies: list[str], params: dict[str, Any]
-    ) -> list[list[float]]:
-        """For each conversation, the log-probability of each token of its ``reply`` (``reply_logits``)."""
-        import torch
-
-        adapter = self.adapter_name(merge_params(self.cfg.params, params))
-        if adapter in self._isolated:
-            return self._isolated[adapter].reply_logprobs(conversations, replies, {"adapter": DEFAULT})
-        rows = self.reply_logits(conversations, replies, params)
-        tokenizer = self._tokenizers.get(adapter or "", self.tokenizer)
-        out = []
-        for logits, reply in zip(rows, replies, strict=True):
-            target = torch.tensor(tokenizer(reply, add_special_tokens=False)["input_ids"], dtype=torch.long)
-            picked = torch.log_softmax(logits, dim=-1)[torch.arange(len(target)), target]
-            out.append(picked.tolist())
-        return out
+                yield i, logits[j, prompt - 1 : prompt + reply - 1].float().cpu()
+            del logits
 
     def release(self) -> None:
         """Drop the loaded weights (the backend loads again on next use)."""

@@ -431,7 +431,16 @@ def record(project: Project, stage: str, persona_id: str, info: dict[str, Any]) 
     """Add this persona's outcome to the manifest entry of ``stage`` (train_sft / train_dpo)."""
     entry = load_manifest(project.run_dir)["stages"].get(stage, {})
     personas = dict(entry.get("personas", {}))
-    keep = ("steps", "final_loss", "train_loss", "eval_loss", "train_seconds", "tokens_per_second", "output")
+    keep = (
+        "steps",
+        "final_loss",
+        "train_loss",
+        "eval_loss",
+        "train_seconds",
+        "tokens_per_second",
+        "output",
+        "heldout_pairs",
+    )
     personas[persona_id] = {key: info.get(key) for key in keep}
     record_stage(project, stage, status="done", personas=personas)
 

@@ -78,3 +78,10 @@ class DPOConfig(Section):
     keep_checkpoints: bool = Field(
         False, description="Keep models/<persona>/checkpoints/dpo after the final model is written."
     )
+    heldout_share: float = Field(
+        0.15,
+        ge=0,
+        lt=1,
+        description="Seeded share of the pairs kept out of training; their reward accuracy and margin "
+        "(with 95% intervals) say whether DPO learnt. 0 = train on all.",
+    )

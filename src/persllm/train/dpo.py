@@ -14,6 +14,7 @@ from typing import Any
 
 from persllm.config import Project
 from persllm.errors import UserError
+from persllm.layout import write_atomic, write_json_atomic
 from persllm.train import common
 from persllm.train.card import portable_base
 
@@ -49,7 +50,8 @@ def run(project: Project, persona_id: str, resume: bool = False, **overrides: An
         )
     pair_columns = ["prompt", "chosen", "rejected"]
     dpo_train = project.layout.dpo_train(persona.id)
-    train_set = common.read_dataset(dpo_train, pair_columns, "persllm pairs CONFIG")
+    every_pair = common.read_dataset(dpo_train, pair_columns, "persllm pairs CONFIG")
+    train_set, heldout_set = split_pairs(every_pair, cfg.heldout_share, project.config.seed)
 
     # Policy and reference, both from the SFT model; the tokenizer (stage tokens, template) comes with it.
     sft_info = common.read_training_json(sft_dir)
@@ -108,6 +110,7 @@ def run(project: Project, persona_id: str, resume: bool = False, **overrides: An
             "stage_tokens": sft_info.get("stage_tokens", {}),
             "system_prompt": common.system_style(sft_dir),
             "train_rows": len(train_set),
+            "heldout_rows": len(heldout_set),
             "config": {
                 "trl": common.trl_kwargs(project, "dpo", checkpoints, overrides),
                 # The adapter's own LoRA settings: a new one's, or those of the SFT adapter it continues.
@@ -119,9 +122,65 @@ def run(project: Project, persona_id: str, resume: bool = False, **overrides: An
     )
     common.save_final(trainer, tokenizer, out_dir, info, common.card_text(project, persona.id, info))
     if trainer.is_world_process_zero():
+        # Measured on the written adapter, against the SFT adapter it started from, then added to the record.
+        if len(heldout_set) and adapter_base == "base_model":
+            info["heldout_pairs"] = heldout_rewards(project, out_dir, sft_dir, heldout_set, float(args.beta))
+        else:
+            why = "dpo.heldout_share is 0" if not len(heldout_set) else "measured for LoRA-on-LoRA DPO only"
+            info["heldout_pairs"] = {"pairs": len(heldout_set), "skipped": why}
+        write_json_atomic(out_dir / common.TRAINING_JSON, info)
+        write_atomic(out_dir / "README.md", common.card_text(project, persona.id, info))
         common.record(project, "train_dpo", persona.id, info)
         common.drop_checkpoints(project, "dpo", checkpoints)
     return info
+
+
+def split_pairs(pairs: Any, share: float, seed: int) -> tuple[Any, Any]:
+    """(training pairs, held-out pairs): a seeded ``share`` held out, at least one when there are 4+."""
+    import numpy as np
+
+    count = len(pairs)
+    held = min(count - 1, max(1 if count >= 4 else 0, round(share * count))) if share > 0 else 0
+    order = np.random.default_rng(seed).permutation(count)
+    return pairs.select(sorted(order[held:].tolist())), pairs.select(sorted(order[:held].tolist()))
+
+
+def heldout_rewards(
+    project: Project, policy: Path, reference: Path, pairs: Any, beta: float
+) -> dict[str, Any]:
+    """DPO's implicit reward on pairs it never trained on: per pair, ``beta`` x the policy's log-ratio to
+    the reference on the chosen reply minus on the rejected one; accuracy = share of margins above 0,
+    both with 95% bootstrap intervals over pairs."""
+    import numpy as np
+
+    from persllm.evaluate import stats
+    from persllm.llm import TransformersBackend
+
+    backend = TransformersBackend(project.config.base_model.model_copy(update={"backend": "transformers"}))
+    backend.add_adapter("policy", policy)
+    backend.add_adapter("reference", reference)
+    prompts = [row["prompt"] for row in pairs]
+    replies = {side: [row[side][-1]["content"] for row in pairs] for side in ("chosen", "rejected")}
+    total: dict[tuple[str, str], np.ndarray] = {}
+    for adapter in ("policy", "reference"):
+        for side, texts in replies.items():
+            rows = backend.reply_logprobs(prompts, texts, {"adapter": adapter})
+            total[(adapter, side)] = np.asarray([sum(row) for row in rows])
+    backend.release()
+    chosen = total[("policy", "chosen")] - total[("reference", "chosen")]
+    rejected = total[("policy", "rejected")] - total[("reference", "rejected")]
+    margins = beta * (chosen - rejected)
+    indices = stats.resample_indices(len(margins), stats.RESAMPLES, project.config.seed)
+    accuracy = stats.mean_estimate((margins > 0).astype(float).tolist(), indices)
+    return {
+        "pairs": len(margins),
+        "accuracy": {
+            **accuracy.to_dict(),
+            "above_chance": bool(accuracy.low is not None and accuracy.low > 0.5),
+        },
+        "margin": stats.mean_estimate(margins.tolist(), indices).to_dict(),
+        "chosen_log_ratio": stats.mean_estimate((beta * chosen).tolist(), indices).to_dict(),
+    }
 
 
 def load_policy(project: Project, sft_dir: Path, method: str) -> tuple[Any, Any, Any, Any, str | None]:
