@@ -7,13 +7,16 @@ CPU, and reports every system (``prompt``, ``rag``, ``sft``, ``sft+dpo``) agains
 real words, with paired bootstrap 95% intervals, plus the paper's distinction table (Intra / Stage /
 Inter, with and without DPO) and whether each target was met.
 
-    .venv/bin/python benchmarks/personification.py [--size small|full] [--fresh]
+    .venv/bin/python benchmarks/personification.py [--size small|full|power] [--fresh]
 
 ``small`` (what ``make bench`` runs, about 60 minutes here with the robustness probes): 8 held-out
 passages and 16 own-words dialogues per stage. ``full`` (at most 2 hours on 2 cores): 15 held-out
-passages and 40 dialogues per stage, two samples per item. Every model call is cached in the run
-folder, so a re-run only pays for what changed; ``--fresh`` starts from an empty run folder. Prints a
-table and writes benchmarks/out/personification.json.
+passages and 40 dialogues per stage, two samples per item. ``power`` (the size the fidelity targets
+need): 100 held-out passages per stage (400) scored by likelihood against decoys and under each stage,
+30 per stage (120) also answered, 150 own-words dialogues per stage; not yet run on this CPU (the
+likelihood of 400 passages under four systems is roughly a million tokens of forward passes). Every
+model call is cached in the run folder, so a re-run only pays for what changed; ``--fresh`` starts from
+an empty run folder. Prints a table and writes benchmarks/out/personification.json.
 """
 
 import argparse
@@ -56,9 +59,12 @@ PERSONAS = {
     },
 }
 SIZES: dict[str, dict[str, Any]] = {
-    "small": {"heldout": 8, "own_words": 16, "samples": 1, "epochs": 3, "dpo_steps": 3},
-    "full": {"heldout": 15, "own_words": 40, "samples": 2, "epochs": 3, "dpo_steps": 8},
+    "small": {"heldout": 8, "own_words": 16, "samples": 1, "epochs": 3, "dpo_steps": 3, "generated": None},
+    "full": {"heldout": 15, "own_words": 40, "samples": 2, "epochs": 3, "dpo_steps": 8, "generated": None},
+    # The size the fidelity targets need: 400 held-out passages scored by likelihood, 120 of them answered.
+    "power": {"heldout": 100, "own_words": 150, "samples": 1, "epochs": 2, "dpo_steps": 30, "generated": 30},
 }
+LIKELIHOOD_TARGETS = {"heldout_nll": -1, "pick_real": 1, "stage_wins": 1}  # metric -> better direction
 
 
 def write_project(size: dict[str, Any]) -> Path:
@@ -126,6 +132,8 @@ def write_project(size: dict[str, Any]) -> Path:
             # Greedy with one sample; the Intra distinction needs two sampled answers per item.
             "params": {"temperature": 0.7 if size["samples"] > 1 else 0, "max_tokens": 48},
             "robustness": {"probes_per_stage": 3, "pressure_turns": 3, "conversation_turns": 4},
+            "heldout_items": size["generated"],
+            "likelihood": {"max_tokens": 64},
         },
     }
     path = PROJECT / "persllm.yaml"
@@ -172,7 +180,21 @@ def summarise(metrics: dict[str, Any]) -> dict[str, Any]:
         }
         for name in ("sft", "sft+dpo")
     ]
+    likelihood = metrics.get("likelihood") or {}
+    likelihood_rows = [
+        {"system": name, **{m: interval_text(data.get(m)) for m in LIKELIHOOD_TARGETS}}
+        for name, data in (likelihood.get("systems") or {}).items()
+    ]
+    for key, other in (("differences", "prompt"), ("differences_rag", "rag")):
+        likelihood_rows += [
+            {
+                "system": f"{name} - {other}",
+                **{m: interval_text(found.get(m), True) for m in LIKELIHOOD_TARGETS},
+            }
+            for name, found in (likelihood.get(key) or {}).items()
+        ]
     return {
+        "likelihood": likelihood_rows,
         "systems": rows,
         "differences": difference_rows,
         "distinction": distinction,
@@ -214,6 +236,24 @@ def targets(metrics: dict[str, Any]) -> list[dict[str, Any]]:
                     "prompt_excluded": bool(over_prompt.get("excludes_zero"))
                     and (over_prompt.get("value") or 0) > 0,
                     "rag_intervals_apart": beats_rag,
+                }
+            )
+    likelihood = metrics.get("likelihood") or {}
+    for trained in ("sft", "sft+dpo"):
+        for metric, direction in LIKELIHOOD_TARGETS.items():
+            versus = {
+                other: (likelihood.get(key) or {}).get(trained, {}).get(metric, {})
+                for key, other in (("differences", "prompt"), ("differences_rag", "rag"))
+            }
+            found.append(
+                {
+                    "target": f"{trained} beats prompt and rag on {metric} (likelihood)",
+                    "vs_prompt": interval_text(versus["prompt"], True),
+                    "vs_rag": interval_text(versus["rag"], True),
+                    "met": all(
+                        bool(d.get("excludes_zero")) and (d.get("value") or 0) * direction > 0
+                        for d in versus.values()
+                    ),
                 }
             )
     sft = systems.get("sft", {}).get("heldout", {})
@@ -268,8 +308,12 @@ def main() -> int:
         "corpora": str(CORPORA),
         "seconds": round(seconds, 1),
         "items": metrics["counts"].get("heldout_items"),
+        "likelihood_items": (metrics.get("likelihood") or {}).get("counts", {}).get("items"),
         **summary,
     }
+    print_table(
+        "likelihood of the real held-out words (95% paired bootstrap intervals)", summary["likelihood"]
+    )
     print_table("held-out real words (95% paired bootstrap intervals)", summary["systems"])
     print_table("differences to prompt", summary["differences"])
     print_table("distinction (held-out items)", summary["distinction"])

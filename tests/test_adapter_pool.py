@@ -14,7 +14,7 @@ import torch
 
 from persllm.errors import UserError
 from persllm.llm.config import LLMConfig
-from persllm.llm.transformers_backend import TransformersBackend, saves_modules
+from persllm.llm.transformers_backend import TransformersBackend, reply_ids, saves_modules, shared_prefixes
 from persllm.train.common import add_stage_tokens
 
 PROMPTS = [
@@ -168,8 +168,13 @@ def test_shared_prompt_logprobs_equal_one_pass_per_row(
     pool = TransformersBackend(LLMConfig(model=str(tiny_model_dir), device="cpu", concurrency=3))
     pool.add_adapter("plain0", adapters["plain0"])
     candidates = [*REPLIES, "A", "The keeper's log is full of fog, and the fog of names."]
-    conversations = [PROMPTS[0]] * len(candidates) + [PROMPTS[1]]
-    replies = [*candidates, REPLIES[1]]
+    profile = "You are Elsie Wren, keeper of the Skerrow Point light, who writes short log entries."
+    alike = [
+        [{"role": "system", "content": profile}, {"role": "user", "content": question}]
+        for question in ("<TIME-I> Who are you?", "<TIME-I> What did the sea do today?", "Why?")
+    ]
+    conversations = [PROMPTS[0]] * len(candidates) + [PROMPTS[1], *alike, alike[0]]
+    replies = [*candidates, REPLIES[1], REPLIES[0], REPLIES[1], "Because.", "Fog."]
     for adapter in ("plain0", "base"):
         whole = pool.reply_logits(conversations, replies, {"adapter": adapter})
         tokenizer = pool.tokenizer
@@ -182,5 +187,8 @@ def test_shared_prompt_logprobs_equal_one_pass_per_row(
             assert len(got) == len(want) > 0
             assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-4
         cut = pool.reply_logprobs(conversations, replies, {"adapter": adapter}, max_reply_tokens=2)
+        tokenized = [reply_ids(tokenizer, m, r)[0] for m, r in zip(conversations, replies, strict=True)]
+        groups = shared_prefixes(tokenized)
+        assert any(shared >= 16 and len(members) >= 4 for shared, members in groups)  # the profile, once
         assert [len(row) for row in cut] == [min(2, len(row)) for row in expected]
         assert all(c == pytest.approx(e[: len(c)], abs=1e-4) for c, e in zip(cut, expected, strict=True))

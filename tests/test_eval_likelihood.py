@@ -14,6 +14,7 @@ from persllm.evaluate import likelihood
 from persllm.evaluate.systems import load_heldout_items, messages_for, plan_systems, retrieval_context
 from persllm.jsonl import write_jsonl
 from persllm.llm.config import LLMConfig
+from tests.fake_openai import FakeOpenAI
 from tests.test_eval_project import make_project
 
 PASSAGES = {
@@ -235,3 +236,43 @@ def test_a_llamacpp_generation_backend_is_scored_through_transformers(
     assert backend.cfg.backend == "transformers" and backend.cfg.model == str(tiny_model_dir)
     conversation = [{"role": "user", "content": "What happened today?"}]
     assert np.isfinite(score("elsie", [conversation], ["The lamp was lit."])).all()
+
+
+def test_the_judge_is_first_measured_at_picking_the_real_passage(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """A judge that knows every passage's question picks right whatever the order; one that always says
+    "A" is near chance; one that answers garbage misses every item and is counted as unreadable."""
+    import re
+
+    from persllm.evaluate import judge as judging
+
+    answers = {
+        f"{QUESTIONS[n]} ({stage})": passage
+        for (_, stage), passages in PASSAGES.items()
+        for n, passage in enumerate(passages)
+    }
+
+    def knowing(body: dict[str, Any]) -> str:
+        text = body["messages"][-1]["content"]
+        question = text.split("Question:\n", 1)[1].split("\n", 1)[0]
+        for letter, passage in re.findall(r"Passage ([A-H]):\n(.+)", text):
+            if passage.strip() == answers[question]:
+                return f"Passage {letter}."
+        return "none"
+
+    project = heldout_project(tmp_path, tiny_model_dir)
+    items = load_heldout_items(project, None)
+    plans = likelihood.plan(project, items, ["other_stage", "other_persona", "same_stage"], 7)
+    personas = {f"{p.id}/{s.id}": (p.name, s.time) for p in project.personas.values() for s in p.stages}
+    results = {}
+    for name, reply in (("knowing", knowing), ("always A", "A"), ("garbage", "I cannot say.")):
+        with FakeOpenAI(default_reply=reply) as server:
+            cfg = LLMConfig(backend="openai", base_url=server.base_url, model="judge")
+            results[name] = judging.validity(cfg, None, {"temperature": 0}, plans, personas, 1000, 7)
+            assert len(server.requests) == 16
+    assert results["knowing"]["accuracy"]["value"] == 1.0 and results["knowing"]["unreadable"] == 0
+    assert results["knowing"]["chance"] == pytest.approx(0.25)
+    assert results["always A"]["accuracy"]["high"] < 0.75  # position, not knowledge
+    assert results["garbage"]["accuracy"]["value"] == 0.0 and results["garbage"]["unreadable"] == 16
+    assert judging.parse_letter("Passage C.", 4) == 2 and judging.parse_letter("E", 4) is None

@@ -96,6 +96,10 @@ def headline(eval_dir: Path) -> str:
         n_items = metrics.get("counts", {}).get("heldout_items" if key == "heldout" else "golden_items")
         lines.append(f"\n{title}: {n_items} items, 95% paired bootstrap intervals (* excludes 0)")
         lines += aligned(table)
+    if metrics.get("judge_validity"):
+        from persllm.evaluate.report import judge_validity_line
+
+        lines += ["", judge_validity_line(metrics["judge_validity"])]
     lines += robustness_lines(metrics.get("robustness") or {}, baseline)
     return "\n".join(lines)
 

@@ -115,7 +115,8 @@ def run(
     try:
         completions = generate(project, requests, params, cache, backends)
         lap("generation")
-        fidelity = likelihood.run(project, planned, items, context, backends, skipped)
+        passages = load_heldout_items(project, cfg.likelihood.max_items)
+        fidelity = likelihood.run(project, planned, passages, context, backends, skipped)
         lap("likelihood")
         traits = (
             personality.interview(project, planned, cache, judge_cfg, skipped, backends)
@@ -136,12 +137,28 @@ def run(
         row_of(r, by_id[r.item], c, split_inline(c.text)) for r, c in zip(requests, completions, strict=True)
     ]
 
-    # Judge: agreement, false premises, two-order preference against the baseline.
+    # Judge: first its own accuracy at telling the real passage from decoys, then agreement, false
+    # premises and two-order preference against the baseline.
+    judge_validity: dict[str, Any] = {}
     if judge_cfg is not None:
         personas = {f"{p.id}/{s.id}": (p.name, s.time) for p in project.personas.values() for s in p.stages}
         baseline = cfg.baseline if any(s.name == cfg.baseline for s in planned) else None
         if baseline is None:
             skipped.setdefault("preference", f"baseline {cfg.baseline!r} did not run; no pairwise preference")
+        judge_validity = judging.validity(
+            judge_cfg,
+            cache,
+            dict(cfg.judge_params),
+            likelihood.plan(
+                project,
+                load_heldout_items(project, cfg.likelihood.max_items),
+                list(cfg.likelihood.decoys),
+                project.config.seed,
+            ),
+            personas,
+            cfg.resamples,
+            project.config.seed,
+        )
         judging.judge_all(judge_cfg, cache, dict(cfg.judge_params), rows, baseline, personas)
         if cfg.second_judge is not None:
             judging.judge_all(
@@ -190,6 +207,7 @@ def run(
         "judging": judging.hygiene(rows, cfg.baseline, cfg.resamples, project.config.seed)
         if judge_cfg
         else {},
+        "judge_validity": judge_validity,
         "likelihood": fidelity,
         "robustness": robust,
     }

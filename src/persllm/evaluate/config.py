@@ -56,6 +56,12 @@ class LikelihoodConfig(Section):
     max_tokens: int = Field(
         96, ge=8, description="Tokens of each passage scored (the first ones; long passages are cut)."
     )
+    max_items: int | None = Field(
+        None,
+        ge=1,
+        description="Cap on held-out passages per persona x stage; none = all (independent of "
+        "eval.heldout_items, which caps the generated answers).",
+    )
 
 
 class EvalConfig(Section):

@@ -79,6 +79,23 @@ def parse_yes_no(text: str) -> bool | None:
     return None if match is None else match.group(1).lower() == "yes"
 
 
+def pick_messages(persona: str, time: str, question: str, candidates: list[str]) -> list[Message]:
+    """Ask which of ``candidates`` (shown as A, B, C, ...) is the person's real reply."""
+    listed = "\n\n".join(f"Passage {LETTERS[i]}:\n{text}" for i, text in enumerate(candidates))
+    text = render("judge_pick", persona=persona, time=time, question=question, candidates=listed)
+    return [{"role": "user", "content": text}]
+
+
+LETTERS = "ABCDEFGH"
+
+
+def parse_letter(text: str, count: int) -> int | None:
+    """The index of the first standalone letter among the ``count`` offered (``"C"`` -> 2); None if none."""
+    allowed = LETTERS[:count]
+    match = re.search(rf"\b(?:passage\s+)?([{allowed}])\b", text.strip())
+    return None if match is None else allowed.index(match.group(1))
+
+
 def parse_choice(text: str) -> str | None:
     """``"A"``, ``"B"`` or ``"tie"`` from a preference verdict; None when unreadable."""
     first = re.match(r"\W*(\w+)", text)
@@ -205,6 +222,61 @@ def judge_all(
     for row, verdict in [*zip(others, verdicts_others, strict=True), *zip(own, verdicts_own, strict=True)]:
         row[key] = verdict
     return len(targets)
+
+
+def validity(
+    cfg: LLMConfig,
+    cache: Any,
+    params: dict[str, Any],
+    plans: list[Any],
+    personas: dict[str, tuple[str, str]],
+    resamples: int,
+    seed: int,
+) -> dict[str, Any]:
+    """How well the judge itself tells the person's real passage from the likelihood metrics' decoys:
+    its accuracy (with a 95% interval) beside chance, printed next to every judge score. Candidates are
+    shown in a seeded order per item; an unreadable verdict counts as a miss and is counted."""
+    import numpy as np
+
+    from persllm.evaluate import stats
+
+    asked = [p for p in plans if p.decoys]
+    if not asked:
+        return {}
+    orders = []
+    for number, entry in enumerate(asked):
+        candidates = [entry.item.reference, *entry.decoys.values()]
+        order = np.random.default_rng([seed, number]).permutation(len(candidates)).tolist()
+        orders.append((order, [candidates[i] for i in order]))
+
+    async def ask_all() -> list[str]:
+        from persllm.llm import make_backend
+
+        backend = make_backend(cfg, cache)
+        try:
+            calls = []
+            for entry, (_, shown) in zip(asked, orders, strict=True):
+                item = entry.item
+                name, time = personas.get(f"{item.persona}/{item.stage}", (item.persona, ""))
+                calls.append(backend.generate(pick_messages(name, time, item.question, shown), params))
+            replies = await asyncio.gather(*calls)
+        finally:
+            await backend.aclose()
+        return [reply.text for reply in replies]
+
+    verdicts = asyncio.run(ask_all())
+    correct, unreadable = [], 0
+    for (order, shown), text in zip(orders, verdicts, strict=True):
+        picked = parse_letter(text, len(shown))
+        unreadable += picked is None
+        correct.append(float(picked is not None and order[picked] == 0))
+    indices = stats.resample_indices(len(correct), resamples, seed)
+    return {
+        "accuracy": stats.mean_estimate(correct, indices).to_dict(),
+        "chance": float(np.mean([1 / len(shown) for _, shown in orders])),
+        "items": len(correct),
+        "unreadable": unreadable,
+    }
 
 
 # --------------------------------------------------------------------------- judge hygiene

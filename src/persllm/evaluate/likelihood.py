@@ -183,15 +183,19 @@ def summarise(
         name: {m: stats.mean_estimate(v, indices).to_dict() for m, v in values.items()}
         for name, values in per_system.items()
     }
-    differences: dict[str, Any] = {}
-    if baseline in per_system:
+
+    def versus(other: str) -> dict[str, Any]:
+        found: dict[str, Any] = {}
         for name, values in per_system.items():
-            if name == baseline:
+            if name == other:
                 continue
-            differences[name] = {}
+            found[name] = {}
             for metric, vector in values.items():
-                estimate = stats.mean_difference(vector, per_system[baseline][metric], indices)
-                differences[name][metric] = {**estimate.to_dict(), "excludes_zero": estimate.excludes_zero()}
+                estimate = stats.mean_difference(vector, per_system[other][metric], indices)
+                found[name][metric] = {**estimate.to_dict(), "excludes_zero": estimate.excludes_zero()}
+        return found
+
+    differences = versus(baseline) if baseline in per_system else {}
     with_decoys = [len(p.decoys) for p in plans if p.decoys]
     with_stages = [len(p.other_stages) + 1 for p in plans if p.other_stages]
     chance = {
@@ -200,7 +204,9 @@ def summarise(
         "stage_wins": float(np.mean([1 / s for s in with_stages])) if with_stages else None,
         "stage_margin": 0.0,
     }
-    return {"systems": systems, "differences": differences, "chance": chance}
+    # Every system against rag too: a personified model should beat retrieval, not only the bare prompt.
+    against_rag = versus("rag") if "rag" in per_system and baseline != "rag" else {}
+    return {"systems": systems, "differences": differences, "differences_rag": against_rag, "chance": chance}
 
 
 def run(

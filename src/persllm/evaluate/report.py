@@ -196,7 +196,9 @@ def build_blocks(metrics: dict[str, Any], rows: list[dict[str, Any]], plots: dic
         blocks += [("h2", "Distinction (Intra / Stage / Inter)"), distinction_table(systems)]
         blocks += [("img", plots["distinction"], "distinction")] if "distinction" in plots else []
         if any(s.get("overall", {}).get(n) is not None for s in systems.values() for n in JUDGED):
-            blocks += [("h2", "Judge"), metric_table(systems, JUDGED)]
+            blocks += [("h2", "Judge")]
+            blocks += [("p", judge_validity_line(metrics.get("judge_validity") or {}))]
+            blocks += [metric_table(systems, JUDGED)]
             blocks += [("img", plots["judge"], "judge")] if "judge" in plots else []
         blocks += [("h2", "Per persona and stage"), stage_table(systems)]
     blocks += robustness_blocks(metrics.get("robustness") or {}, settings.get("baseline", "prompt"))
@@ -208,6 +210,18 @@ def build_blocks(metrics: dict[str, Any], rows: list[dict[str, Any]], plots: dic
     blocks += [("h2", "Definitions"), ("list", [f"{name}: {text}" for name, text in definitions.items()])]
     blocks += [("h2", "Examples"), examples_table(rows)]
     return blocks
+
+
+def judge_validity_line(validity: dict[str, Any]) -> str:
+    """The judge's own accuracy at picking the real passage, to read every judge score against."""
+    if not validity:
+        return "Judge validity: not measured (no held-out own words with decoys)."
+    return (
+        f"Judge validity: picks the person's real passage among decoys in "
+        f"{fmt_estimate(validity.get('accuracy'))} of {validity.get('items')} items (chance "
+        f"{fmt(validity.get('chance'))}; {validity.get('unreadable')} unreadable verdicts). A judge near "
+        "chance cannot tell the person from the decoys, and its scores below say little."
+    )
 
 
 def likelihood_blocks(likelihood: dict[str, Any], baseline: str, plots: dict[str, str]) -> list[Block]:
@@ -381,7 +395,13 @@ def make_plots(folder: Path, metrics: dict[str, Any]) -> dict[str, str]:
             }
             for metric in shown
         }
-        made[name] = _bar_panels(plt, folder / f"{name}.png", panels, {})
+        reference = metrics.get("reference") or {} if key == "heldout" else {}
+        lines = {
+            f"{metric} ({label})": (found, "real words")
+            for metric in shown
+            if (found := (reference.get("heldout") or {}).get(metric)) is not None
+        }
+        made[name] = _bar_panels(plt, folder / f"{name}.png", panels, lines)
     likelihood = metrics.get("likelihood") or {}
     if likelihood.get("systems"):
         from persllm.evaluate.likelihood import METRICS
@@ -392,7 +412,8 @@ def make_plots(folder: Path, metrics: dict[str, Any]) -> dict[str, str]:
             for metric in METRICS
             if any((d.get(metric) or {}).get("value") is not None for d in likelihood["systems"].values())
         }
-        made["likelihood"] = _bar_panels(plt, folder / "likelihood.png", panels, chance)
+        lines = {m: (chance[m], "chance") for m in panels if chance.get(m) is not None}
+        made["likelihood"] = _bar_panels(plt, folder / "likelihood.png", panels, lines)
     personality = metrics.get("personality") or {}
     if personality:
         made["personality"] = _personality_plot(plt, folder, personality)
@@ -400,10 +421,11 @@ def make_plots(folder: Path, metrics: dict[str, Any]) -> dict[str, str]:
 
 
 def _bar_panels(
-    plt: Any, path: Path, panels: dict[str, dict[str, Any]], lines: dict[str, float | None]
+    plt: Any, path: Path, panels: dict[str, dict[str, Any]], lines: dict[str, tuple[float, str]]
 ) -> str:
     """One bar chart per panel (system -> estimate dict), with 95% interval error bars where the estimate
-    has them and a dashed line at ``lines[panel]`` (chance) where given; returns the path for the report."""
+    has them and a dashed line at ``lines[panel]`` (value, label: chance, the real words) where given;
+    returns the path for the report."""
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.0), squeeze=False)
     for ax, (title, estimates) in zip(axes[0], panels.items(), strict=True):
         names = list(estimates)
@@ -416,8 +438,9 @@ def _bar_panels(
                 [max(float(hi or 0.0) - v, 0.0) for v, (_, hi) in zip(values, bounds, strict=True)],
             ]
         ax.bar(range(len(names)), values, yerr=errors, capsize=3, color=[f"C{i}" for i in range(len(names))])
-        if lines.get(title) is not None:
-            ax.axhline(float(lines[title] or 0.0), color="black", linestyle="--", linewidth=1, label="chance")
+        if title in lines:
+            level, label = lines[title]
+            ax.axhline(float(level), color="black", linestyle="--", linewidth=1, label=label)
             ax.legend(fontsize=7)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)

@@ -364,10 +364,12 @@ class TransformersBackend:
         """For each conversation, the log-probability of each token of its ``reply`` (at most the first
         ``max_reply_tokens``).
 
-        Rows with the same prompt run together: the prompt once, then all their replies in one batch on
-        top of its key/value cache, so scoring k candidate replies to one prompt costs one prompt pass,
-        not k. Only one batch's logits are held at a time.
+        Prompts that begin alike (the same system prompt, other questions; one question, several candidate
+        replies) share that beginning: it runs once, and each row runs only the rest of its prompt and its
+        reply on top of the beginning's key/value cache. Only one batch's logits are held at a time.
         """
+        import copy
+
         import torch
 
         adapter = self.adapter_name(merge_params(self.cfg.params, params))
@@ -377,52 +379,55 @@ class TransformersBackend:
             )
         self.load()
         tokenizer = self._tokenizers.get(adapter or "", self.tokenizer)
-        groups: dict[tuple[int, ...], list[int]] = {}
+        prompts: list[list[int]] = []
         targets: list[list[int]] = []
-        for index, (messages, reply) in enumerate(zip(conversations, replies, strict=True)):
+        for messages, reply in zip(conversations, replies, strict=True):
             prompt, target = reply_ids(tokenizer, messages, reply)
-            groups.setdefault(tuple(prompt), []).append(index)
+            prompts.append(prompt)
             targets.append(target[:max_reply_tokens] if max_reply_tokens is not None else target)
         pad = int(tokenizer.pad_token_id or 0)
         out: list[list[float]] = [[] for _ in conversations]
-        for prompt_ids, members in groups.items():
-            prompt = list(prompt_ids)
-            for start in range(0, len(members), self.cfg.concurrency):
-                chunk = [i for i in members[start : start + self.cfg.concurrency] if targets[i]]
-                if not chunk:
-                    continue
-                width = max(len(targets[i]) for i in chunk)
+        for shared, members in shared_prefixes(prompts):
+            # Rows of like length batch together: less padding.
+            rows = sorted((i for i in members if targets[i]), key=lambda i: len(prompts[i]) + len(targets[i]))
+            if not rows:
+                continue
+            head = None
+            if shared:
                 with self._run_lock, torch.inference_mode(), self._adapter_context(adapter):
                     head = self.model(
-                        input_ids=torch.tensor([prompt], device=self.device),
+                        input_ids=torch.tensor([prompts[rows[0]][:shared]], device=self.device),
                         use_cache=True,
-                        logits_to_keep=1,
-                    )
-                    first = torch.log_softmax(head.logits[0, -1].float(), dim=-1).cpu()
-                    rest = None
-                    if width > 1:
-                        cache = head.past_key_values
-                        cache.batch_repeat_interleave(len(chunk))
-                        body = torch.full((len(chunk), width - 1), pad, dtype=torch.long)
-                        for j, i in enumerate(chunk):
-                            body[j, : len(targets[i]) - 1] = torch.tensor(targets[i][:-1])
-                        positions = torch.arange(len(prompt), len(prompt) + width - 1).expand(len(chunk), -1)
-                        rest = self.model(
-                            input_ids=body.to(self.device),
-                            past_key_values=cache,
-                            position_ids=positions.to(self.device),
-                            attention_mask=torch.ones(
-                                (len(chunk), len(prompt) + width - 1), dtype=torch.long, device=self.device
-                            ),
-                        ).logits
+                    ).past_key_values
+            for start in range(0, len(rows), self.cfg.concurrency):
+                chunk = rows[start : start + self.cfg.concurrency]
+                tails = [prompts[i][shared:] + targets[i][:-1] for i in chunk]
+                width = max(len(tail) for tail in tails)
+                body = torch.full((len(chunk), width), pad, dtype=torch.long)
+                for j, tail in enumerate(tails):
+                    body[j, : len(tail)] = torch.tensor(tail)
+                cache = copy.deepcopy(head)
+                if cache is not None:
+                    cache.batch_repeat_interleave(len(chunk))
+                with self._run_lock, torch.inference_mode(), self._adapter_context(adapter):
+                    logits = self.model(
+                        input_ids=body.to(self.device),
+                        past_key_values=cache,
+                        position_ids=torch.arange(shared, shared + width)
+                        .expand(len(chunk), -1)
+                        .to(self.device),
+                        attention_mask=torch.ones(
+                            (len(chunk), shared + width), dtype=torch.long, device=self.device
+                        ),
+                    ).logits
                 for j, i in enumerate(chunk):
-                    target = targets[i]
-                    scores = [float(first[target[0]])]
-                    if rest is not None and len(target) > 1:
-                        steps = torch.log_softmax(rest[j, : len(target) - 1].float(), dim=-1).cpu()
-                        scores += steps[torch.arange(len(target) - 1), torch.tensor(target[1:])].tolist()
-                    out[i] = scores
-                del head, rest
+                    first = len(prompts[i]) - shared - 1  # the position that predicts the reply's first token
+                    rows_logits = logits[j, first : first + len(targets[i])].float()
+                    picked = torch.log_softmax(rows_logits, dim=-1)[
+                        torch.arange(len(targets[i])), torch.tensor(targets[i])
+                    ]
+                    out[i] = picked.cpu().tolist()
+                del logits, cache
         return out
 
     def _reply_batches(
@@ -528,6 +533,29 @@ def row_stopping(
 
 
 # ---------------------------------------------------------------------- plain helpers
+
+
+def shared_prefixes(prompts: list[list[int]], minimum: int = 16) -> list[tuple[int, list[int]]]:
+    """Rows grouped by a common beginning: ``(tokens shared, row indices)``. Prompts are sorted so alike
+    ones sit together; a row joins the group before it when that saves work: the tokens it would share
+    (at least ``minimum``) outweigh the tokens every member would then run again because the shared part
+    shrinks. Every row keeps at least one token of its own (the position that predicts its reply's
+    first token)."""
+    groups: list[tuple[int, list[int]]] = []
+    for index in sorted(range(len(prompts)), key=lambda i: prompts[i]):
+        prompt = prompts[index]
+        if groups:
+            shared, members = groups[-1]
+            first = prompts[members[0]]
+            common = 0
+            limit = min(shared, len(prompt) - 1)
+            while common < limit and first[common] == prompt[common]:
+                common += 1
+            if common >= minimum and common >= (shared - common) * len(members):
+                groups[-1] = (common, [*members, index])
+                continue
+        groups.append((max(len(prompt) - 1, 0), [index]))
+    return groups
 
 
 def reply_ids(tokenizer: Any, messages: list[Message], reply: str) -> tuple[list[int], list[int]]:
