@@ -251,3 +251,28 @@ def test_smollm2_answers_and_loads_from_gguf() -> None:
     assert "Paris" in bundled.text
     gguf = run_sync(local(smollm2_gguf()).generate(question, {"max_tokens": 12}))
     assert gguf.text == bundled.text
+
+
+def test_a_shared_system_prompt_runs_once_and_changes_no_reply(tiny_model_dir: Path) -> None:
+    """Rows that begin alike run their beginning once (its cache copied to every row, their own tokens
+    after masked padding): the greedy replies and their counts equal those of the plain batch."""
+    from persllm.llm.transformers_backend import common_prefix, render_prompt
+
+    profile = "You are Elsie Wren, keeper of the Skerrow Point light, who writes short log entries. " * 2
+    conversations = [
+        [{"role": "system", "content": profile}, {"role": "user", "content": question}]
+        for question in ("Who are you?", "What did the sea do today, and the fog after it?", "Why?", "Hm")
+    ]
+    backend = local(tiny_model_dir, concurrency=4)
+    backend.load()
+    rows = [
+        list(backend.tokenizer(render_prompt(backend.tokenizer, c), add_special_tokens=False)["input_ids"])
+        for c in conversations
+    ]
+    assert common_prefix(rows) >= backend.shared_prefix_min  # the shared path is the one taken
+    params = {"temperature": 0, "max_tokens": 12}
+    shared = backend.generate_batch(conversations, params)
+    backend.shared_prefix_min = 10**9
+    plain = backend.generate_batch(conversations, params)
+    assert [c.text for c in shared] == [c.text for c in plain] and all(c.text for c in plain)
+    assert [c.prompt_tokens for c in shared] == [c.prompt_tokens for c in plain]

@@ -31,7 +31,9 @@ def eval_command(
 ) -> None:
     """Answer the evaluation questions with every system, score them, and write eval/report.html.
 
-    Two sets: the persons' held-out own words (each passage's back-written question, scored against the
+    First, with no generation, how likely each system finds the persons' real held-out words: their
+    NLL per token, the real passage against decoys, and under each stage's prompt (eval.likelihood).
+    Then two sets: the persons' held-out own words (each passage's back-written question, scored against the
     real passage) and the annotator's held-out dialogues. Every metric comes with a paired bootstrap 95%
     interval; the summary marks differences to the baseline whose interval excludes 0. Systems whose
     models are missing are skipped with a note. Then every system answers the robustness probes built

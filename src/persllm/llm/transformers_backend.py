@@ -93,6 +93,7 @@ class TransformersBackend:
         self._run_lock = threading.Lock()  # one model.generate at a time (adapter switching is global)
         self._load_lock = threading.Lock()
         self._batcher: _Batcher | None = None
+        self.shared_prefix_min = SHARED_PREFIX_MIN  # tokens every row of a batch must share to run them once
         if cfg.adapter:
             self._adapters[DEFAULT] = check_adapter(cfg.adapter, "adapter")
 
@@ -265,7 +266,12 @@ class TransformersBackend:
         """Synchronous batched generation (evaluation): ``cfg.concurrency`` rows of similar length at once."""
         merged = merge_params(self.cfg.params, params)
         adapter = self.adapter_name(merged)
-        order = sorted(range(len(conversations)), key=lambda i: len(canonical_json(conversations[i])))
+        # Rows with the same first message (a system prompt) together, so a batch runs it once; then by
+        # length, so little padding.
+        order = sorted(
+            range(len(conversations)),
+            key=lambda i: (canonical_json(conversations[i][:1]), len(canonical_json(conversations[i]))),
+        )
         results: list[Completion | None] = [None] * len(conversations)
         size = self.cfg.concurrency
         for start in range(0, len(order), size):
@@ -291,10 +297,25 @@ class TransformersBackend:
         self.load()
         tokenizer = self._tokenizers.get(adapter or "", self.tokenizer)
         prompts = [render_prompt(tokenizer, messages) for messages in conversations]
-        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(
-            self.device
-        )
+        ids = [list(row) for row in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        shared = common_prefix(ids)
+        cache = None
+        if shared >= self.shared_prefix_min and len(ids) > 1:
+            # The rows' common beginning (a system prompt) runs once; its key/value cache is copied to every
+            # row and generate() runs only the rest: [beginning][padding][own tokens], padding masked out.
+            with self._run_lock, torch.inference_mode(), self._adapter_context(adapter):
+                cache = self.model(
+                    input_ids=torch.tensor([ids[0][:shared]], device=self.device)
+                ).past_key_values
+            cache.batch_repeat_interleave(len(ids))
+            batch = middle_padded(ids, shared, int(tokenizer.pad_token_id or 0), self.device)
+        else:
+            batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(
+                self.device
+            )
         kwargs = generation_kwargs(params, tokenizer)
+        if cache is not None:
+            kwargs["past_key_values"] = cache
         width = batch["input_ids"].shape[1]
         kwargs.update(row_stopping(tokenizer, stop_list(params.get("stop")), width, callers))
         if any(caller.sink is not None for caller in callers):
@@ -533,6 +554,38 @@ def row_stopping(
 
 
 # ---------------------------------------------------------------------- plain helpers
+
+
+SHARED_PREFIX_MIN = 32
+
+
+def common_prefix(rows: list[list[int]]) -> int:
+    """How many leading tokens every row shares, leaving each row at least one token of its own."""
+    if not rows:
+        return 0
+    limit = min(len(row) for row in rows) - 1
+    first, shared = rows[0], 0
+    while shared < limit and all(row[shared] == first[shared] for row in rows):
+        shared += 1
+    return max(shared, 0)
+
+
+def middle_padded(rows: list[list[int]], shared: int, pad: int, device: str) -> dict[str, Any]:
+    """``input_ids`` and ``attention_mask`` for rows that share ``shared`` leading tokens: each row is the
+    shared part, then padding, then its own tokens, so every row ends at the right edge as generation
+    needs; the padding is masked out (positions come from the mask, so the own tokens keep theirs)."""
+    import torch
+
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        own = row[shared:]
+        input_ids[index, :shared] = torch.tensor(row[:shared])
+        input_ids[index, width - len(own) :] = torch.tensor(own)
+        mask[index, :shared] = 1
+        mask[index, width - len(own) :] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
 
 def shared_prefixes(prompts: list[list[int]], minimum: int = 16) -> list[tuple[int, list[int]]]:
