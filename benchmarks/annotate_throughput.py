@@ -151,7 +151,7 @@ def annotate(config: Path, items: int, concurrency: int, fresh: bool) -> dict[st
 
     project = load_project(config, {"annotate.counts": counts_for(items)})
     if fresh:
-        shutil.rmtree(project.run_dir / "annotations", ignore_errors=True)
+        shutil.rmtree(project.layout.annotations, ignore_errors=True)
         for path in project.run_dir.glob("cache.sqlite*"):
             path.unlink()
         clear_query_cache()  # time the encoder, not the query cache
@@ -350,7 +350,7 @@ def run_benchmark(
 
     top = max(args.concurrency)
     cold = annotate(config, args.warm_items, top, fresh=True)
-    shutil.rmtree(load_project(config).run_dir / "annotations")
+    shutil.rmtree(load_project(config).layout.annotations)
     hot = annotate(config, args.warm_items, top, fresh=False)
     skip = annotate(config, args.warm_items, top, fresh=False)
     assert hot["done"] == args.warm_items and hot["cached_calls"] == hot["calls"] == cold["calls"], hot

@@ -65,11 +65,11 @@ def nll_table(run_dir: Path, kind: str) -> dict[str, Any]:
     )
     label_only, label_and_time = [], []
     for persona_id, persona in project.personas.items():
-        folder = project.run_dir / "models" / persona_id / "dpo"
+        folder = project.layout.model(persona_id, "dpo")
         backend.add_adapter(persona_id, folder)
         style = system_style(folder)
         labels = read_training_json(folder).get("stage_labels") or {s.id: s.label for s in persona.stages}
-        for record in read_jsonl(project.run_dir / "annotations" / "heldout" / f"{persona_id}.jsonl"):
+        for record in read_jsonl(project.layout.heldout_questions(persona_id)):
             question, passage = record["turns"][0]["content"], record["turns"][1]["content"]
             own = record["stage"]
             conversations, stages = [], []

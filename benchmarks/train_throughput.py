@@ -133,7 +133,7 @@ def worker(config: str, mode: str, batch: int, threads: int) -> dict[str, Any]:
     }
     info = sft.run(project, "bench", **overrides)
     tokenizer = AutoTokenizer.from_pretrained(info["output"])
-    rows = read_jsonl(project.run_dir / "data" / "bench" / "sft_train.jsonl")
+    rows = read_jsonl(project.layout.sft_train("bench"))
     lengths = [len(tokenizer.apply_chat_template(r["messages"], return_dict=True)["input_ids"]) for r in rows]
     real = sum(lengths)
     return {
