@@ -81,16 +81,14 @@ def headline(eval_dir: Path) -> str:
         names = [name for name, data in systems.items() if key in data]
         if not names:
             continue
-        personified = next((name for name in ("sft+dpo", "sft") if name in names), None)
+        personified = personified_of(names)
         difference = metrics.get("differences", {}).get(key, {}).get(personified or "", {})
         header = [*names, f"{personified} - {baseline}"] if difference else names
         table = [["metric", *header]]
         for metric in HEADLINE_KEYS:
             cells = [fmt_estimate(systems[name].get(f"{key}_ci", {}).get(metric)) for name in names]
             if difference:
-                estimate = difference.get(metric)
-                mark = " *" if estimate and estimate.get("excludes_zero") else ""
-                cells.append(fmt_estimate(estimate, signed=True) + mark)
+                cells.append(difference_cell(difference.get(metric)))
             if any(cell != "–" for cell in cells):
                 table.append([metric, *cells])
         n_items = metrics.get("counts", {}).get("heldout_items" if key == "heldout" else "golden_items")
@@ -102,6 +100,19 @@ def headline(eval_dir: Path) -> str:
         lines += ["", judge_validity_line(metrics["judge_validity"])]
     lines += robustness_lines(metrics.get("robustness") or {}, baseline)
     return "\n".join(lines)
+
+
+def personified_of(names: list[str]) -> str | None:
+    """The trained system a summary compares with the baseline: sft+dpo, else sft."""
+    return next((name for name in ("sft+dpo", "sft") if name in names), None)
+
+
+def difference_cell(estimate: dict[str, Any] | None) -> str:
+    """A signed difference with its interval, ``*`` where the interval excludes 0."""
+    from persllm.evaluate.report import fmt_estimate
+
+    mark = " *" if estimate and estimate.get("excludes_zero") else ""
+    return fmt_estimate(estimate, signed=True) + mark
 
 
 def aligned(table: list[list[str]]) -> list[str]:
@@ -143,7 +154,7 @@ def likelihood_lines(likelihood: dict[str, Any], baseline: str) -> list[str]:
     if not systems:
         return []
     names = list(systems)
-    personified = next((name for name in ("sft+dpo", "sft") if name in names), None)
+    personified = personified_of(names)
     difference = (likelihood.get("differences") or {}).get(personified or "", {})
     chance = likelihood.get("chance") or {}
     table = [["metric", *names, "chance", *([f"{personified} - {baseline}"] if difference else [])]]
@@ -152,9 +163,7 @@ def likelihood_lines(likelihood: dict[str, Any], baseline: str) -> list[str]:
         level = chance.get(metric)
         cells.append("–" if level is None else f"{level:.3f}")
         if difference:
-            estimate = difference.get(metric)
-            mark = " *" if estimate and estimate.get("excludes_zero") else ""
-            cells.append(fmt_estimate(estimate, signed=True) + mark)
+            cells.append(difference_cell(difference.get(metric)))
         if any(cell != "–" for cell in cells[: len(names)]):
             table.append([metric + (" (lower better)" if metric in LOWER_IS_BETTER else ""), *cells])
     items = (likelihood.get("counts") or {}).get("items")
@@ -174,15 +183,13 @@ def robustness_lines(robustness: dict[str, Any], baseline: str) -> list[str]:
     if not systems:
         return []
     names = list(systems)
-    personified = next((name for name in ("sft+dpo", "sft") if name in names), None)
+    personified = personified_of(names)
     difference = (robustness.get("differences") or {}).get(personified or "", {})
     table = [["metric", *names, *([f"{personified} - {baseline}"] if difference else [])]]
     for metric in METRICS:
         cells = [fmt_estimate(systems[name]["metrics"].get(metric)) for name in names]
         if difference:
-            estimate = difference.get(metric)
-            mark = " *" if estimate and estimate.get("excludes_zero") else ""
-            cells.append(fmt_estimate(estimate, signed=True) + mark)
+            cells.append(difference_cell(difference.get(metric)))
         if any(cell != "–" for cell in cells):
             table.append([metric + (" (lower better)" if metric in LOWER_IS_BETTER else ""), *cells])
     probes = sum((robustness.get("counts") or {}).values())

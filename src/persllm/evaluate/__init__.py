@@ -60,6 +60,7 @@ def run(
     planned, skipped = plan_systems(project, systems or cfg.systems)
     golden = load_items(project, max_items or cfg.max_items)
     heldout = load_heldout_items(project, max_items or cfg.heldout_items)
+    passages = load_heldout_items(project, cfg.likelihood.max_items)  # scored by likelihood, own cap
     items = golden + heldout
     if not items:
         raise UserError(
@@ -115,7 +116,6 @@ def run(
     try:
         completions = generate(project, requests, params, cache, backends)
         lap("generation")
-        passages = load_heldout_items(project, cfg.likelihood.max_items)
         fidelity = likelihood.run(project, planned, passages, context, backends, skipped)
         lap("likelihood")
         traits = (
@@ -149,12 +149,7 @@ def run(
             judge_cfg,
             cache,
             dict(cfg.judge_params),
-            likelihood.plan(
-                project,
-                load_heldout_items(project, cfg.likelihood.max_items),
-                list(cfg.likelihood.decoys),
-                project.config.seed,
-            ),
+            likelihood.plan(project, passages, list(cfg.likelihood.decoys), project.config.seed),
             personas,
             cfg.resamples,
             project.config.seed,

@@ -599,11 +599,7 @@ def shared_prefixes(prompts: list[list[int]], minimum: int = 16) -> list[tuple[i
         prompt = prompts[index]
         if groups:
             shared, members = groups[-1]
-            first = prompts[members[0]]
-            common = 0
-            limit = min(shared, len(prompt) - 1)
-            while common < limit and first[common] == prompt[common]:
-                common += 1
+            common = min(shared, common_prefix([prompts[members[0]], prompt]))
             if common >= minimum and common >= (shared - common) * len(members):
                 groups[-1] = (common, [*members, index])
                 continue
