@@ -13,8 +13,8 @@ Inter, with and without DPO) and whether each target was met.
 passages and 16 own-words dialogues per stage. ``full`` (at most 2 hours on 2 cores): 15 held-out
 passages and 40 dialogues per stage, two samples per item. ``power`` (the size the fidelity targets
 need): 100 held-out passages per stage (400) scored by likelihood against decoys and under each stage,
-30 per stage (120) also answered, 150 own-words dialogues per stage; not yet run on this CPU (the
-likelihood of 400 passages under four systems is roughly a million tokens of forward passes). Every
+30 per stage (120) also answered, 180 own-words dialogues planned per stage (at least 150 reach
+training after curation). Every
 model call is cached in the run folder, so a re-run only pays for what changed; ``--fresh`` starts from
 an empty run folder. Prints a table and writes benchmarks/out/personification.json.
 """
@@ -62,7 +62,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "small": {"heldout": 8, "own_words": 16, "samples": 1, "epochs": 3, "dpo_steps": 3, "generated": None},
     "full": {"heldout": 15, "own_words": 40, "samples": 2, "epochs": 3, "dpo_steps": 8, "generated": None},
     # The size the fidelity targets need: 400 held-out passages scored by likelihood, 120 of them answered.
-    "power": {"heldout": 100, "own_words": 150, "samples": 1, "epochs": 2, "dpo_steps": 30, "generated": 30},
+    "power": {"heldout": 100, "own_words": 180, "samples": 1, "epochs": 2, "dpo_steps": 30, "generated": 30},
 }
 LIKELIHOOD_TARGETS = {"heldout_nll": -1, "pick_real": 1, "stage_wins": 1}  # metric -> better direction
 
@@ -97,7 +97,7 @@ def write_project(size: dict[str, Any]) -> Path:
         },
         "annotate": {
             "counts": {
-                "ordinary": size["own_words"] * 3 // 4,
+                "ordinary": size["own_words"] - size["own_words"] // 4,
                 "misleading": 0,
                 "opinion": size["own_words"] // 4,
             },

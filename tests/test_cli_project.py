@@ -58,15 +58,18 @@ def test_init_index_retrieve_as_a_new_user(tmp_path: Path, capsys: pytest.Captur
     assert code == 0, err
     header, *rows = out.strip().splitlines()
     assert header.split() == [
-        "persona", "stage", "chunks", "knowledge", "style", "heldout", "embedded", "reused"
+        "persona", "stage", "chunks", "knowledge", "style", "heldout", "exchanges", "heldout_ex", "embedded",
+        "reused",
     ]  # fmt: skip
     keeper = next(row.split() for row in rows if row.split()[:2] == ["wren", "keeper"])
-    assert int(keeper[2]) > 0 and int(keeper[6]) == int(keeper[2]) and keeper[7] == "0"
+    assert int(keeper[2]) > 0 and int(keeper[8]) == int(keeper[2]) and keeper[9] == "0"
+    assert "wren: trains on up to 12 own-words dialogues, 0 real exchanges and 0 annotator-written" in out
+    assert (target / "runs" / "my-persona").is_dir()  # the project is named after its folder
     assert (target / "runs" / "my-persona" / "index" / "wren" / "keeper" / "embeddings.npy").is_file()
 
     code, out, _ = run_main(["index", str(target), "--persona", "wren"], capsys)
     total = next(row.split() for row in out.splitlines() if row.startswith("total"))
-    assert code == 0 and total[5] == "0" and total[6] == total[1]  # nothing embedded again
+    assert code == 0 and total[7] == "0" and total[8] == total[1]  # nothing embedded again
 
     query = "Who taught you to keep the light?"
     code, out, err = run_main(

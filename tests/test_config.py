@@ -80,7 +80,7 @@ CASES = {
     ),
     "stage with no files": (
         edit("personas/ada.yaml", lambda t: t.replace('    style: ["../corpus/older/*.txt"]\n', "")),
-        r"ada.yaml: stages\[1\] \(older\): no knowledge or style files; add at least one glob",
+        r"ada.yaml: stages\[1\] \(older\): no knowledge, style or dialogue files; add at least one glob",
     ),
     "duplicate persona ids": (add_persona, r"twin.yaml: id: persona id 'ada' is also used by .*ada.yaml"),
     "duplicate stage ids": (

@@ -254,6 +254,82 @@ def test_split_is_seeded_and_stratified() -> None:
     assert held_out_count(3, 0.9) == 2 and held_out_count(10, 0.0) == 0
 
 
+def test_annotator_written_dialogues_are_checked_as_speech_to_and_by_the_persona() -> None:
+    from persllm.curate.filters import prompt_word_spans
+
+    cfg = CurateConfig(cot="none")
+    spans = prompt_word_spans(["Write short, private notes on what {name} knows before answering the user."])
+    good = record("a", TOPICS[0])
+    assert check_record(good, cfg, None, spans) is None
+    cases = {
+        "prompt_words": [
+            record("b", TOPICS[0], answer="As the notes say [corpus/elsie/keeper/log.md:7], I wound it."),
+            record("c", TOPICS[0], answer="I will write short, private notes on what Elsie knows first."),
+            record("d", TOPICS[0], answer="I read it in keeper/log.txt:12 and wrote it down myself."),
+        ],
+        "not_addressed": [record("e", "Elsie Wren walked up the tower steps at dusk.")],
+        "not_first_person": [
+            record("f", TOPICS[0], answer="Elsie Wren counts one hundred and twelve steps.")
+        ],
+    }
+    line = "I counted them: the tower has one hundred and twelve steps to the lamp room above."
+    copied = record("g", TOPICS[0], answer=line)
+    copied["context"] = {"knowledge": "Records say " + line, "style": ""}
+    cases["copies_context"] = [copied]
+    for expected, bad in cases.items():
+        for one in bad:
+            assert check_record(one, cfg, None, spans) == expected, (expected, one["turns"])
+    # The person's real replies are theirs: none of the speech checks applies to them.
+    real = record(
+        "h", "Elsie Wren walked up the tower steps.", answer="Elsie Wren counts each of them slowly."
+    )
+    real["reply"] = {"source": "dialogue", "ref": "talk.txt:3", "question": "real"}
+    assert check_record(real, cfg, None, spans) is None
+    own = record(
+        "i", "What of [corpus/elsie/keeper/log.md:7]?", answer="The lamp was lit at dusk, as always."
+    )
+    own["reply"] = {"source": "own_words", "ref": "log.txt:1", "question": "question"}
+    assert check_record(own, cfg, None, spans) == "prompt_words"
+
+
+def test_an_annotator_that_cannot_write_the_persona_stops_curation_with_one_line(tmp_path: Path) -> None:
+    context = {
+        "knowledge": "Skerrow Point lighthouse stands above Carrow Bay; its lamp burns mineral oil.",
+        "style": "",
+    }
+    good = many(n=3)
+    for one in good:
+        one["context"] = dict(context, knowledge=context["knowledge"] + " " + one["turns"][0]["content"])
+    bad = [
+        record(
+            f"bad-{i}",
+            TOPICS[3 + i],
+            answer="Bananas ripen fastest in warm paper bags on a sunny kitchen shelf.",
+        )
+        for i in range(4)
+    ]
+    for one in bad:
+        one["context"] = context
+    bad += [record(f"narr-{i}", f"Elsie Wren climbed the tower stair number {i} at dusk.") for i in range(4)]
+    path = make_project(tmp_path, {"elsie": good + bad, "jonah": many("jonah", "sailor", n=3)})
+    project = load_project(path, {"curate.cot": "none", "curate.annotator_min_kept": 0.5})
+    with pytest.raises(UserError) as caught:
+        curate.run(project)
+    message = str(caught.value)
+    assert "only 3 of 11 dialogues it wrote for 'elsie' passed the checks" in message
+    assert "not_addressed 4" in message and "ungrounded 4" in message and "stronger annotator" in message
+    assert "\n" not in message
+    assert not (project.run_dir / "data" / "elsie" / "sft_train.jsonl").exists()
+    stats = json.loads((project.run_dir / "data" / "elsie" / "stats.json").read_text())["curate"]
+    assert stats["removed"]["ungrounded"] == 4 and stats["removed"]["not_addressed"] == 4
+    # A lower bar lets the same material through, the failures still counted.
+    summary = curate.run(load_project(path, {"curate.cot": "none", "curate.annotator_min_kept": 0.2}))
+    assert (
+        summary["personas"]["elsie"]["kept"] == 3
+        and summary["personas"]["elsie"]["removed"]["ungrounded"] == 4
+    )
+
+
 # --------------------------------------------------------------------------- run (real MiniLM encoder)
 
 

@@ -47,6 +47,14 @@ def test_a_questionnaire_is_read_with_traits_and_keys(tmp_path: Path) -> None:
     assert len(items) == len(ROWS)
 
 
+def test_the_bundled_questionnaire_works_out_of_the_box() -> None:
+    items = personality.load_questionnaire("bundled:big5-30")
+    assert len(items) == 30 and len({i.text for i in items}) == 30
+    for trait in "OCEAN":
+        keys = [i.key for i in items if i.trait == trait]
+        assert sorted(keys) == [-1, -1, -1, 1, 1, 1], trait
+
+
 @pytest.mark.skipif(not SHARED.exists(), reason="shared item bank not on this machine")
 def test_the_ipip_120_item_bank_reads() -> None:
     items = personality.load_questionnaire(SHARED)

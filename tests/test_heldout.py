@@ -17,7 +17,7 @@ from persllm.errors import UserError
 from persllm.index.retrieve import Retriever, load_heldout
 from persllm.jsonl import read_jsonl
 from persllm.persona.corpus import Chunk, reply_cut
-from persllm.persona.heldout import HoldoutRule, choose_heldout, split_stages
+from persllm.persona.heldout import HoldoutRule, choose_heldout, nothing_held_out, split_stages
 from tests.fake_openai import FakeOpenAI
 
 
@@ -53,7 +53,12 @@ def test_too_few_passages_warn_or_fail_naming_persona_stage_and_minimum(caplog: 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="persllm"):
         assert choose_heldout([chunk(0, "knowledge")], RULE, seed=1, where="p/s") == []
-    assert "no style passages" in caplog.text
+        nothing_held_out("p/s", RULE)
+    assert "p/s: no style passages (the person's own words) and no real exchanges" in caplog.text
+    with pytest.raises(
+        UserError, match=r"p/s: no style passages .*; add style or dialogue files, or set holdout"
+    ):
+        nothing_held_out("p/s", strict)
 
 
 def test_held_out_texts_leave_every_stage_and_kind() -> None:
@@ -108,7 +113,13 @@ def configure(config_path: Path, url: str) -> None:
     config["annotate"].update(
         {"counts": {"ordinary": 6, "misleading": 2, "opinion": 2}, "question_style": "question"}
     )
-    config["curate"] = {"cot": "none", "question_similarity_min": -1.0, "test_fraction": 0.5}
+    # The scripted annotator's own dialogues echo their questions: keep going on the own-words ones.
+    config["curate"] = {
+        "cot": "none",
+        "question_similarity_min": -1.0,
+        "test_fraction": 0.5,
+        "annotator_min_kept": 0.0,
+    }
     config_path.write_text(yaml.safe_dump(config))
 
 

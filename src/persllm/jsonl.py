@@ -80,6 +80,12 @@ class JsonlAppender:
         self._handle.flush()
         os.fsync(self._handle.fileno())
 
+    def extend(self, rows: list[dict[str, Any]]) -> None:
+        """Append many rows, made durable together (one fsync)."""
+        self._handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
     def close(self) -> None:
         self._handle.close()
 

@@ -28,7 +28,8 @@ TREE: list[tuple[str, str]] = [
     ("cache.sqlite", "every LLM call: request hash, request, response, tokens, timing"),
     (
         "index/<persona>/<stage>/",
-        "chunks.jsonl, embeddings.npy, meta.json; heldout.jsonl (held-out passages)",
+        "chunks.jsonl, embeddings.npy, meta.json; heldout.jsonl (held-out passages); exchanges.jsonl, "
+        "heldout_exchanges.jsonl (real dialogue, when the stage has some)",
     ),
     ("index/embeddings_cache/", "one .npz per embedder: vectors by text hash"),
     ("annotations/<persona>.jsonl", "one record per dialogue"),
@@ -102,6 +103,12 @@ class RunLayout:
 
     def heldout_chunks(self, persona: str, stage: str) -> Path:
         return self.index_stage(persona, stage) / "heldout.jsonl"
+
+    def exchanges(self, persona: str, stage: str) -> Path:
+        return self.index_stage(persona, stage) / "exchanges.jsonl"
+
+    def heldout_exchanges(self, persona: str, stage: str) -> Path:
+        return self.index_stage(persona, stage) / "heldout_exchanges.jsonl"
 
     def embedding_cache(self, model_key: str) -> Path:
         return self.index / "embeddings_cache" / f"{model_key}.npz"
@@ -185,7 +192,7 @@ class RunLayout:
 
 # Run-folder globs each pipeline stage writes (moved aside when its inputs change) and reads.
 STAGE_OUTPUTS: dict[str, list[str]] = {
-    "index": ["index/*/*/chunks.jsonl", "index/*/*/heldout.jsonl"],
+    "index": ["index/*/*/chunks.jsonl", "index/*/*/heldout.jsonl", "index/*/*/*exchanges.jsonl"],
     "annotate": ["annotations", "failures/annotate.jsonl"],
     "curate": ["data/*/sft_*.jsonl"],
     "pairs": ["data/*/dpo_train.jsonl"],
@@ -195,7 +202,7 @@ STAGE_OUTPUTS: dict[str, list[str]] = {
 }
 STAGE_INPUTS: dict[str, list[str]] = {
     "index": [],
-    "annotate": ["index/*/*/chunks.jsonl", "index/*/*/heldout.jsonl"],
+    "annotate": ["index/*/*/chunks.jsonl", "index/*/*/heldout.jsonl", "index/*/*/*exchanges.jsonl"],
     "curate": ["annotations/*.jsonl"],
     "pairs": ["data/*/sft_*.jsonl", "annotations/*.jsonl"],
     "sft": ["data/*/sft_*.jsonl"],

@@ -172,9 +172,11 @@ def fingerprint(project: Project, stage: Stage) -> str:
     if stage.name == "index":
         for pid in project.personas:
             for st in project.personas[pid].stages:
-                for kind in ("knowledge", "style"):
+                for kind in ("knowledge", "style", "dialogue"):
                     for path in project.stage_files(pid, st.id, kind):
                         persona_inputs[f"{pid}/{st.id}/{kind}/{path.name}"] = file_hash(path)
+            for path in project.dated_dialogue_files(pid):
+                persona_inputs[f"{pid}/dialogue/{path.name}"] = file_hash(path)
     return stable_hash(
         {
             "stage": stage.name,

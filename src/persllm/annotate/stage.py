@@ -23,7 +23,7 @@ from typing import Any
 
 from persllm.annotate import prompts
 from persllm.annotate.engine import Annotator, Stats, attempt_modes
-from persllm.annotate.plan import KINDS, Item, plan_heldout, plan_items
+from persllm.annotate.plan import KINDS, Item, item_id, plan_heldout, plan_items
 from persllm.config import Project
 from persllm.errors import UserError
 from persllm.hashing import stable_hash
@@ -75,15 +75,20 @@ def run(
     if dry_run:
         return dry_run_prompts(project, retriever, items)
 
-    # Skip what earlier runs wrote.
+    # Real exchanges (dialogue material) need no annotator: each is written as it is.
     layout = project.layout
     written = {pid: existing_ids(layout, pid) for pid in persona_ids}
+    real = write_real_dialogues(layout, persona_ids, selected, written, limit)
+    written = {pid: existing_ids(layout, pid) for pid in persona_ids}
+
+    # Skip what earlier runs wrote.
     todo = [item for item in items if item.id not in written[item.persona]]
     size = concurrency or cfg.annotator.concurrency
     summary: dict[str, Any] = {
         "planned": len(items),
         "skipped": len(items) - len(todo),
         "sources": dict(Counter(item.source for item in items)),
+        "real_dialogues": real,
     }
     tally = Tally(attempts=cfg.annotate.max_attempts)
     annotator = make_annotator(project, retriever, size) if todo else None
@@ -265,6 +270,66 @@ def select_stages(project: Project, persona_ids: list[str], stages: list[str] | 
                 f"--stage {stage_id!r}: no selected persona has that stage; use one of: {', '.join(known)}"
             )
     return selected
+
+
+def write_real_dialogues(
+    layout: RunLayout,
+    persona_ids: list[str],
+    stages: dict[str, list[str]],
+    written: dict[str, set[str]],
+    limit: int | None,
+) -> dict[str, int]:
+    """Append a record for every real exchange not written yet; (training, held-out) counts written now.
+
+    A training exchange is a dialogue as it is; a held-out one is an evaluation item whose question is
+    the real turn before the reply. With a ``limit`` (a trial run) none is written.
+    """
+    counts = {"dialogue": 0, "heldout": 0, "present": 0}
+    if limit is not None:
+        return counts
+    for persona_id in persona_ids:
+        for stage_id in stages[persona_id]:
+            for source, path in (
+                ("dialogue", layout.exchanges(persona_id, stage_id)),
+                ("heldout", layout.heldout_exchanges(persona_id, stage_id)),
+            ):
+                records = [real_record(persona_id, stage_id, row, source) for row in read_jsonl(path)]
+                counts["present"] += len(records)
+                fresh = [r for r in records if r["id"] not in written[persona_id]]
+                if not fresh:
+                    continue
+                target = (
+                    layout.heldout_questions(persona_id)
+                    if source == "heldout"
+                    else layout.dialogues(persona_id)
+                )
+                with JsonlAppender(target) as appender:
+                    appender.extend(fresh)
+                counts[source] += len(fresh)
+    return counts
+
+
+def real_record(persona: str, stage: str, exchange: dict[str, Any], source: str) -> dict[str, Any]:
+    """The annotation record of one real exchange: its turns as they were, its reply the person's own."""
+    turns = [
+        {"role": "assistant", "analysis": "", "content": t["content"]}
+        if t["role"] == "assistant"
+        else dict(t)
+        for t in exchange["turns"]
+    ]
+    ref = str(exchange["ref"])
+    return {
+        "id": item_id(persona, stage, "dialogue", ref, 0, source),
+        "persona": persona,
+        "stage": stage,
+        "kind": "ordinary",
+        "seed": {"source": "dialogue", "ref": ref, "text": turns[-1]["content"]},
+        "turns": turns,
+        "reply": {"source": source, "ref": ref, "question": "real"},
+        "context": {"knowledge": "", "style": ""},
+        "annotator": None,
+        "time": exchange.get("time"),
+    }
 
 
 def record_path(layout: RunLayout, item: Item) -> Path:

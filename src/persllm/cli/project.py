@@ -12,6 +12,7 @@ import typer
 
 from persllm.cli.app import ConfigArg, SetOption, WaitOption, app, load, writing
 from persllm.errors import UserError
+from persllm.persona.yields import material_lines
 
 SCAFFOLD = Path(__file__).resolve().parent.parent / "scaffold"
 
@@ -19,11 +20,22 @@ SCAFFOLD = Path(__file__).resolve().parent.parent / "scaffold"
 @app.command()
 def init(
     directory: Annotated[Path, typer.Argument(help="Folder for the new project (created if missing).")],
+    from_card: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-card",
+            help="A Character Card (V2 or V3, JSON or PNG): its persona and corpus instead of the starter's.",
+        ),
+    ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Write into a non-empty folder, overwriting same-named files.")
     ] = False,
 ) -> None:
-    """Create a starter project: persllm.yaml, one persona with two stages, and its corpus.
+    """Create a project named after DIRECTORY: a commented persllm.yaml sized for a CPU, and a persona.
+
+    The persona is the starter (one person in two stages, with a small corpus), or the character of
+    --from-card: description, personality, scenario and lorebook as knowledge, greetings as the
+    character's own words, example messages as dialogue.
 
     Example: persllm init my-persona
     """
@@ -40,15 +52,27 @@ def init(
             f"{directory}: folder is not empty; choose a new folder, or pass --force to write the "
             "starter files into it (same-named files are overwritten)"
         )
-    shutil.copytree(
-        SCAFFOLD, directory, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "runs")
-    )
+    card_files = card_starter(from_card) if from_card is not None else None  # a bad card writes nothing
+    if card_files is None:
+        shutil.copytree(
+            SCAFFOLD,
+            directory,
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "runs"),
+        )
+    else:
+        for relative, text in card_files.items():
+            (directory / relative).parent.mkdir(parents=True, exist_ok=True)
+            (directory / relative).write_text(text, encoding="utf-8")
     config = directory / "persllm.yaml"
+    name = project_name(directory)
+    text = (SCAFFOLD / "persllm.yaml").read_text(encoding="utf-8")
+    config.write_text(text.replace("project: my-persona", f"project: {name}", 1), encoding="utf-8")
     project = load_project(config)
     persona = next(iter(project.personas.values()))
     stages = ", ".join(stage.id for stage in persona.stages)
     where = shlex.quote(str(config))
-    typer.echo(f"Created a persllm project in {directory}: persona {persona.id!r}, stages {stages}.")
+    typer.echo(f"Created persllm project {name!r} in {directory}: persona {persona.id!r}, stages {stages}.")
     typer.echo("Put your person's material under corpus/ and describe them in personas/, then:")
     typer.echo(f"  persllm index {where}")
     typer.echo(
@@ -56,6 +80,24 @@ def init(
         f"--persona {persona.id} --stage {persona.stages[0].id}"
     )
     typer.echo(f"  persllm run {where}")
+
+
+def project_name(directory: Path) -> str:
+    """The project's name: the folder's, as letters, digits, '-' and '_'."""
+    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in directory.resolve().name).strip("-")
+    return name or "my-persona"
+
+
+def card_starter(path: Path) -> dict[str, str]:
+    """The persona file and corpus files of a character card, by path within the new project."""
+    import yaml
+
+    from persllm.persona.character_card import card_project, read_card
+
+    persona, files = card_project(read_card(path))
+    header = f"# Made by `persllm init --from-card {path.name}`: edit freely.\n"
+    body = yaml.safe_dump(persona, sort_keys=False, allow_unicode=True, width=100)
+    return {f"personas/{persona['id']}.yaml": header + body, **files}
 
 
 @app.command()
@@ -79,15 +121,21 @@ def index(
     project = load(config, set_options)
     with writing(project, "index", wait):
         result = run(project, personas=persona or None, progress=sys.stderr.isatty())
-    columns = ["persona", "stage", "chunks", "knowledge", "style", "heldout", "embedded", "reused"]
-    totals = {key: sum(row[key] for row in result["stages"]) for key in columns[2:]}
-    rows = [*result["stages"], {"persona": "total", "stage": "", **totals}]
-    typer.echo(table(columns, rows))
+    columns = [
+        "persona", "stage", "chunks", "knowledge", "style", "heldout", "exchanges", "heldout_ex", "embedded",
+        "reused",
+    ]  # fmt: skip
+    rows = [{**row, "heldout_ex": row["heldout_exchanges"]} for row in result["stages"]]
+    totals = {key: sum(row[key] for row in rows) for key in columns[2:]}
+    typer.echo(table(columns, [*rows, {"persona": "total", "stage": "", **totals}]))
     typer.echo(
         f"index written to {project.layout.index} "
         f"({result['embedded']} chunks embedded, {result['reused']} reused, "
-        f"{result['heldout']} style passages held out, {result['seconds']:.1f} s)"
+        f"{result['heldout']} style passages and {result['heldout_exchanges']} exchanges held out, "
+        f"{result['seconds']:.1f} s)"
     )
+    for line in material_lines(project, result["stages"]):
+        typer.echo(line)
 
 
 @app.command()

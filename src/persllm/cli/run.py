@@ -46,7 +46,7 @@ def run_command(
             project,
             start,
             stop,
-            on_stage=lambda name, status: typer.echo(f"[{name}] {status}", err=True),
+            on_stage=lambda name, status: stage_line(project, name, status),
             allow_partial=allow_partial,
         )
     typer.echo(pipeline.format_summary(results))
@@ -59,6 +59,16 @@ def run_command(
         f"chat with the result: persllm chat {project.config_path} --persona {first.id} "
         f"--stage {first.stages[-1].id} --model dpo"
     )
+
+
+def stage_line(project: Any, name: str, status: str) -> None:
+    """A stage starting (or skipped); once the index exists, what the material yields, before annotating."""
+    typer.echo(f"[{name}] {status}", err=True)
+    if name == "annotate" and status in ("running", "resuming", "skipped"):
+        from persllm.persona.yields import index_rows, material_lines
+
+        for line in material_lines(project, index_rows(project)):
+            typer.echo(f"  {line}", err=True)
 
 
 SETS = (("heldout", "held-out real words"), ("overall", "annotator-golden (the paper's setting)"))
@@ -91,8 +101,14 @@ def headline(eval_dir: Path) -> str:
                 cells.append(difference_cell(difference.get(metric)))
             if any(cell != "–" for cell in cells):
                 table.append([metric, *cells])
-        n_items = metrics.get("counts", {}).get("heldout_items" if key == "heldout" else "golden_items")
-        lines.append(f"\n{title}: {n_items} items, 95% paired bootstrap intervals (* excludes 0)")
+        counts = metrics.get("counts", {})
+        n_items = counts.get("heldout_items" if key == "heldout" else "golden_items")
+        real = (
+            f" ({counts['heldout_exchanges']} of them real exchanges)"
+            if key == "heldout" and counts.get("heldout_exchanges")
+            else ""
+        )
+        lines.append(f"\n{title}: {n_items} items{real}, 95% paired bootstrap intervals (* excludes 0)")
         lines += aligned(table)
     if metrics.get("judge_validity"):
         from persllm.evaluate.report import judge_validity_line

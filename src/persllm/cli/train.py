@@ -150,6 +150,14 @@ def export_command(
             help="Check every persona's adapter against vLLM's LoRA loader and print the serve command.",
         ),
     ] = False,
+    card: Annotated[
+        Path | None,
+        typer.Option(
+            "--card",
+            help="Write a Character Card V3 of one persona at --stage (default the latest): FILE.json, or "
+            "FILE.png with the card inside (SillyTavern imports either). Needs the index, not a model.",
+        ),
+    ] = None,
     set_options: SetOption = None,
 ) -> None:
     """Export trained personas: merged Hugging Face weights, or GGUF files for llama.cpp and Ollama.
@@ -160,16 +168,22 @@ def export_command(
     Ollama DIR/<persona>.Modelfile (FROM the base, ADAPTER the persona). --gguf NAME.gguf: one persona
     merged into one file, with NAME.Modelfile. --vllm: nothing is written; each adapter is checked
     against vLLM's LoRA rules and the `vllm serve --enable-lora` command for all of them is printed.
+    --card FILE: a Character Card V3 (JSON, or PNG with the card inside) of one persona at one stage, its
+    stages in extensions.persllm and a lorebook of the index's knowledge passages.
 
     Example: persllm export my-persona/persllm.yaml --gguf gguf/ --gguf-type q8_0
     """
     from persllm.train import export, gguf_files
 
-    if [merge is not None, gguf is not None, vllm].count(True) != 1:
+    if [merge is not None, gguf is not None, vllm, card is not None].count(True) != 1:
         raise UserError(
-            "persllm export: give exactly one of --merge FOLDER, --gguf DIR (or NAME.gguf), --vllm"
+            "persllm export: give exactly one of --merge FOLDER, --gguf DIR (or NAME.gguf), --vllm, "
+            "--card FILE"
         )
     project = load(config, set_options)
+    if card is not None:
+        typer.echo(_write_card(project, persona, stage, card))
+        return
     if vllm:
         typer.echo(_vllm_command(project, persona, model))
         return
@@ -225,6 +239,56 @@ def _vllm_command(project: Any, personas: list[str] | None, variant: str | None)
         rank = max(rank, max_lora_rank(folder))
     base = portable_base(project.config.base_model.model)
     return f"vllm serve {base} --enable-lora --max-lora-rank {rank} --lora-modules {' '.join(modules)}"
+
+
+def _write_card(project: Any, personas: list[str] | None, stage: str | None, out: Path) -> str:
+    """Write a V3 card of one persona; the line that says what was written."""
+    import json
+
+    from persllm import __version__
+    from persllm.curate.format import system_prompt
+    from persllm.jsonl import read_jsonl
+    from persllm.layout import write_atomic
+    from persllm.persona.character_card import card_problems, persona_card, png_with_card
+
+    if out.suffix.lower() not in (".json", ".png"):
+        raise UserError(f"--card {out}: name the card FILE.json or FILE.png")
+    if len(personas or project.personas) != 1:
+        raise UserError("persllm export --card: name one persona with --persona")
+    persona = project.persona(personas[0] if personas else next(iter(project.personas)))
+    chosen = persona.stage(stage) if stage else persona.stages[-1]
+    layout = project.layout
+    knowledge: list[tuple[str, str, str]] = []
+    for each in persona.stages:
+        path = layout.chunks(persona.id, each.id)
+        if not path.exists():
+            raise UserError(f"{path}: no index for {persona.id}/{each.id}; run `persllm index` first")
+        knowledge += [(each.id, c["ref"], c["text"]) for c in read_jsonl(path) if c["kind"] == "knowledge"]
+    exchanges = [row["turns"] for row in read_jsonl(layout.exchanges(persona.id, chosen.id))[:3]]
+    own = [c["text"] for c in read_jsonl(layout.chunks(persona.id, chosen.id)) if c["kind"] == "style"]
+    data = persona.model_dump(mode="json", exclude_none=True)
+    data["stages"] = [
+        {"id": s.id, "time": s.time, **({"label": s.label} if s._label_given else {})} for s in persona.stages
+    ]
+    made = persona_card(
+        data,
+        chosen.id,
+        system_prompt(persona, chosen, "full"),
+        knowledge,
+        exchanges,
+        min(own, key=lambda text: abs(len(text.split()) - 40), default=""),
+        __version__,
+    )
+    problems = card_problems(made)
+    assert not problems, problems  # persona_card writes every required field
+    body = (
+        png_with_card(made)
+        if out.suffix.lower() == ".png"
+        else json.dumps(made, indent=2, ensure_ascii=False).encode()
+    )
+    write_atomic(out, body)
+    entries = len(made["data"]["character_book"]["entries"])
+    return f"{persona.id} at stage {chosen.id}: Character Card V3 with {entries} lorebook entries -> {out}"
 
 
 def _tokens(stage_tokens: dict[str, int]) -> str:

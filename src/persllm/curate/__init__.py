@@ -7,7 +7,7 @@
 import time
 from typing import TYPE_CHECKING, Any
 
-from persllm.curate.filters import check_record, reply_source
+from persllm.curate.filters import REAL_SOURCES, check_record, prompt_word_spans, reply_source
 from persllm.curate.format import sft_row, system_prompt
 from persllm.curate.split import read_general, split_records, training_mix
 from persllm.curate.stats import CurateCounts, update_stats
@@ -46,6 +46,7 @@ def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]
         read_general(project.root / cfg.general_data) if cfg.general_data and cfg.general_ratio > 0 else []
     )
     loaded = {pid: load_annotations(project, pid) for pid in persona_ids}
+    spans = prompt_word_spans(annotator_templates())
 
     summary: dict[str, Any] = {}
     for persona_id, records in loaded.items():
@@ -58,7 +59,7 @@ def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]
         for record in records:
             stage, kind = str(record.get("stage")), str(record.get("kind", "ordinary"))
             counts.add(stage, kind, "input")
-            reason = check_record(record, cfg, stage_ids)
+            reason = check_record(record, cfg, stage_ids, spans)
             if reason:
                 counts.add(stage, kind, reason)
             else:
@@ -69,21 +70,35 @@ def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]
         valid.sort(key=lambda r: priority(r, persona))
         unique = valid
         if valid:
-            vectors = embed([r["turns"][0]["content"] for r in valid], project.config.embedder)
+            vectors = embed([asked(r) for r in valid], project.config.embedder)
             on_topic = topical(valid, vectors, cfg.question_similarity_min, project)
             for record in (r for r, ok in zip(valid, on_topic, strict=True) if not ok):
                 counts.add(record["stage"], record["kind"], "off_topic")
+            grounded = grounding(valid, cfg.grounding_min, project)
+            for record in (
+                r for r, ok, topic in zip(valid, grounded, on_topic, strict=True) if topic and not ok
+            ):
+                counts.add(record["stage"], record["kind"], "ungrounded")
+            on_topic &= grounded
             valid = [r for r, ok in zip(valid, on_topic, strict=True) if ok]
             keep = dedup(vectors[on_topic], cfg.dedup_threshold)
             unique = [r for r, kept in zip(valid, keep, strict=True) if kept]
             for record, kept in zip(valid, keep, strict=True):
                 counts.add(record["stage"], record["kind"], "kept" if kept else "duplicate")
 
-        # Split the deduplicated records (stratified by stage and kind; own words always train, their
-        # test is the held-out passages), then render and mix.
-        own = [r for r in unique if reply_source(r) == "own_words"]
+        # An annotator that cannot write this persona stops the run here, before anything trains on it.
+        written = [r for r in records if reply_source(r) == "annotator"]
+        kept_written = [r for r in valid if reply_source(r) == "annotator"]
+        verdict = annotator_verdict(persona_id, project, len(written), len(kept_written), counts)
+        if verdict:
+            update_stats(project.layout.stats(persona_id), "curate", counts.summary(0, 0, 0))
+            raise UserError(verdict)
+
+        # Split the deduplicated records (stratified by stage and kind; the person's own words and real
+        # exchanges always train, their test is the held-out passages and exchanges), then render and mix.
+        own = [r for r in unique if reply_source(r) in REAL_SOURCES]
         train, test = split_records(
-            [r for r in unique if reply_source(r) != "own_words"], cfg.test_fraction, seed
+            [r for r in unique if reply_source(r) not in REAL_SOURCES], cfg.test_fraction, seed
         )
         train += own
         for side, side_records in (("train", train), ("test", test)):
@@ -120,6 +135,60 @@ def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]
         counts=totals,
     )
     return {**totals, "personas": summary}
+
+
+def asked(record: dict[str, Any]) -> str:
+    """The user turn that dedup compares: a real exchange's last (its window may share earlier turns with
+    the exchange before it), else the first (what the dialogue is about)."""
+    return str(record["turns"][-2 if reply_source(record) == "dialogue" else 0]["content"])
+
+
+def annotator_templates() -> list[str]:
+    """The text of every annotator prompt template (what no training turn may repeat)."""
+    from persllm.annotate.prompts import PROMPTS
+
+    return [path.read_text(encoding="utf-8") for path in sorted(PROMPTS.glob("*.txt"))]
+
+
+def annotator_verdict(
+    persona_id: str, project: "Project", written: int, kept: int, counts: CurateCounts
+) -> str | None:
+    """The one line that stops the run when too few annotator-written dialogues survive, or None."""
+    minimum = project.config.curate.annotator_min_kept
+    if written == 0 or kept >= minimum * written:
+        return None
+    removed = counts.summary(0, 0, 0)["removed"]
+    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(removed.items(), key=lambda x: -x[1]) if n)
+    return (
+        f"annotator {project.config.annotator.model}: only {kept} of {written} dialogues it wrote for "
+        f"{persona_id!r} passed the checks ({reasons}), under curate.annotator_min_kept {minimum}; nothing "
+        "was trained. Use a stronger annotator, add the person's own words (style) or real exchanges "
+        "(dialogue), or set annotate.counts to what your own words cover"
+    )
+
+
+def grounding(records: list[dict[str, Any]], minimum: float, project: "Project") -> "np.ndarray":
+    """Keep mask: False for annotator replies less similar to their retrieved context than ``minimum``."""
+    import numpy as np
+
+    from persllm.curate.dedup import COSINE_TOLERANCE
+    from persllm.index.encoder import embed
+
+    mask = np.ones(len(records), dtype=bool)
+    written = [i for i, r in enumerate(records) if reply_source(r) == "annotator" and context_text(r)]
+    if written:
+        replies = embed(
+            [" ".join(t["content"] for t in records[i]["turns"][1::2]) for i in written],
+            project.config.embedder,
+        )
+        contexts = embed([context_text(records[i]) for i in written], project.config.embedder)
+        mask[written] = np.sum(replies * contexts, axis=1) >= minimum - COSINE_TOLERANCE
+    return mask
+
+
+def context_text(record: dict[str, Any]) -> str:
+    context = record.get("context") or {}
+    return str(context.get("knowledge") or "") if isinstance(context, dict) else ""
 
 
 def topical(

@@ -31,6 +31,27 @@ class CurateConfig(Section):
         description="Own-words records: drop one whose question's embedding cosine with the passage is "
         "below this (off topic).",
     )
+    context_copy_max: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Annotator-written replies: drop one that takes at least this share of its word 6-grams "
+        "from the retrieved context it was written from (a copy, not speech).",
+    )
+    grounding_min: float = Field(
+        0.2,
+        ge=-1,
+        le=1,
+        description="Annotator-written replies: drop one whose embedding cosine with its retrieved "
+        "context is below this (not grounded in what the persona knows).",
+    )
+    annotator_min_kept: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="Stop before training (exit 2) when a persona keeps less than this share of its "
+        "annotator-written dialogues after the checks: the annotator cannot write this persona.",
+    )
     dedup_threshold: float = Field(
         0.95,
         gt=0,

@@ -21,8 +21,19 @@ CHECKS = (
     "echo",
     "not_question",
     "copies_passage",
+    "prompt_words",
+    "not_addressed",
+    "not_first_person",
+    "copies_context",
 )
-REMOVALS = (*CHECKS, "off_topic", "duplicate")
+# "ungrounded" (annotator replies, by embedding) runs with "off_topic", after the checks above.
+REMOVALS = (*CHECKS, "off_topic", "ungrounded", "duplicate")
+# What an annotator-written dialogue must not contain: a retrieval reference ("[corpus/x.md:7]",
+# "notes.txt:12") is the prompt's scaffolding, never the person's speech.
+REFERENCE = re.compile(r"\[[^\]\n]{0,200}:\d+\]|\b[\w./-]+\.(?:md|txt|jsonl?|json):\d+")
+SECOND_PERSON = {"you", "your", "yours", "yourself", "thou", "thee", "thy"}
+FIRST_PERSON = {"i", "me", "my", "mine", "myself", "we", "us", "our", "ours", "ourselves", "i'm", "i've"}
+PROMPT_SPAN = 6  # words in a row shared with an annotator prompt that make a reply a prompt echo
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -57,8 +68,12 @@ def copied_share(question: str, passage: str, n: int = 4) -> float:
     return len(asked & ngrams(passage, n)) / len(asked) if asked else 0.0
 
 
+# Replies the person really wrote: their own words (with a back-written question) and real exchanges.
+REAL_SOURCES = ("own_words", "dialogue")
+
+
 def reply_source(record: dict[str, Any]) -> str:
-    """Where the reply came from: ``own_words``, else ``annotator`` (also records older than the field)."""
+    """Where the reply came from: ``own_words``, ``dialogue``, else ``annotator`` (also older records)."""
     reply = record.get("reply")
     return str(reply.get("source", "annotator")) if isinstance(reply, dict) else "annotator"
 
@@ -84,12 +99,19 @@ def is_well_formed(record: dict[str, Any]) -> bool:
     return True
 
 
-def check_record(record: dict[str, Any], cfg: CurateConfig, stages: set[str] | None = None) -> str | None:
+def check_record(
+    record: dict[str, Any],
+    cfg: CurateConfig,
+    stages: set[str] | None = None,
+    prompt_spans: set[tuple[str, ...]] | None = None,
+) -> str | None:
     """The name of the first check ``record`` fails (one of ``CHECKS``), or None if it passes them all.
 
     ``stages``: the persona's stage ids; a record of a stage since removed from the persona is dropped.
     An analysis is required only when the training data shows it (``cot: inline``). Own-words records
-    are also checked as back-written questions: a question, not a copy of the passage.
+    are also checked as back-written questions: a question, not a copy of the passage. Annotator-written
+    dialogues are checked as speech (``annotator_problem``); ``prompt_spans`` are the annotator prompts'
+    word spans that no written turn may repeat.
     """
     if not is_well_formed(record):
         return "malformed"
@@ -122,4 +144,47 @@ def check_record(record: dict[str, Any], cfg: CurateConfig, stages: set[str] | N
             return "not_question"
         if copied_share(question, passage) >= cfg.question_copy_max:
             return "copies_passage"
+        if REFERENCE.search(question) or repeats_prompt(question, prompt_spans or set()):
+            return "prompt_words"
+    if reply_source(record) == "annotator":
+        return annotator_problem(record, cfg, prompt_spans or set())
     return None
+
+
+def annotator_problem(
+    record: dict[str, Any], cfg: CurateConfig, prompt_spans: set[tuple[str, ...]]
+) -> str | None:
+    """Why an annotator-written dialogue is not speech to and by the persona, or None.
+
+    Every turn is free of prompt wording and reference markers; every user turn speaks to the persona (a
+    question, or words addressed to "you"), not about them; every reply is in the first person; no reply
+    copies the retrieved context it was written from.
+    """
+    pairs = exchanges(record["turns"])
+    said = [text for user, reply in pairs for text in (user["content"], reply["content"])]
+    if any(REFERENCE.search(text) or repeats_prompt(text, prompt_spans) for text in said):
+        return "prompt_words"
+    if any(
+        "?" not in user["content"] and not SECOND_PERSON & set(words(user["content"])) for user, _ in pairs
+    ):
+        return "not_addressed"
+    if any(not FIRST_PERSON & set(words(reply["content"])) for _, reply in pairs):
+        return "not_first_person"
+    context = record.get("context") or {}
+    source = " ".join(str(context.get(key) or "") for key in ("knowledge", "style"))
+    if any(copied_share(reply["content"], source, 6) >= cfg.context_copy_max for _, reply in pairs):
+        return "copies_context"
+    return None
+
+
+def prompt_word_spans(templates: list[str]) -> set[tuple[str, ...]]:
+    """Every ``PROMPT_SPAN``-word sequence of the annotator's prompt templates, placeholders left out."""
+    spans: set[tuple[str, ...]] = set()
+    for template in templates:
+        for piece in re.split(r"\{[^}]*\}", template):
+            spans |= ngrams(piece, PROMPT_SPAN)
+    return spans
+
+
+def repeats_prompt(text: str, spans: set[tuple[str, ...]]) -> bool:
+    return bool(spans) and not ngrams(text, PROMPT_SPAN).isdisjoint(spans)

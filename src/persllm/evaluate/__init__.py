@@ -193,6 +193,7 @@ def run(
             "items": len(items),
             "golden_items": len(golden),
             "heldout_items": len(heldout),
+            "heldout_exchanges": sum(item.source == "exchange" for item in heldout),
             "generations": len(rows),
         },
         "systems": scored["systems"],

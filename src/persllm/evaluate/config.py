@@ -94,7 +94,10 @@ class EvalConfig(Section):
         "prompt", description="System every other one is compared with in pairwise preference."
     )
     questionnaire: str | None = Field(
-        None, description="CSV with text, trait and key columns (e.g. IPIP-120)."
+        None,
+        description="Personality questionnaire: 'bundled:big5-30' (persllm's own 30 Big Five statements), "
+        "or a CSV of yours with text, label_ocean (O/C/E/A/N) and key (1 or -1) columns, relative to the "
+        "config, e.g. the public-domain IPIP-NEO-120 items from ipip.ori.org.",
     )
     questionnaire_items: int | None = Field(
         None,

@@ -35,9 +35,15 @@ class Item:
     key: int
 
 
+BUNDLED = {"bundled:big5-30": Path(__file__).parent / "prompts" / "big_five_30.csv"}
+
+
 def load_questionnaire(path: str | Path) -> list[Item]:
-    """Read and check a questionnaire CSV; every problem is a UserError naming the file and column."""
-    path = Path(path)
+    """Read and check a questionnaire CSV; every problem is a UserError naming the file and column.
+
+    ``bundled:big5-30`` is persllm's own 30 statements (six per trait, half reverse-keyed).
+    """
+    path = BUNDLED.get(str(path), Path(path))
     if not path.is_file():
         raise UserError(f"{path}: questionnaire file not found; fix eval.questionnaire")
     try:
@@ -152,9 +158,14 @@ def interview(
     cfg = project.config.eval
     assert cfg.questionnaire is not None
     path = Path(cfg.questionnaire)
-    questions = select_items(
-        load_questionnaire(path if path.is_absolute() else project.root / path), cfg.questionnaire_items
+    where = (
+        cfg.questionnaire
+        if cfg.questionnaire in BUNDLED
+        else path
+        if path.is_absolute()
+        else project.root / path
     )
+    questions = select_items(load_questionnaire(where), cfg.questionnaire_items)
 
     # One interview per system x persona, at the persona's latest stage, prompted as in evaluation.
     context = retrieval_context(project)

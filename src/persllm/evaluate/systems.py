@@ -57,6 +57,8 @@ class Item:
     context: dict[str, str] | None = None
     set: str = "golden"
     brief: str = ""  # the brief system prompt, for models trained with curate.system_prompt: brief
+    history: list[Message] = field(default_factory=list)  # real turns before the question (dialogue)
+    source: str = "passage"  # a held-out item's reference: a passage, or a real exchange's reply
 
 
 def stage_prompts(persona: "PersonaConfig", stage: "StageConfig") -> tuple[str, str]:
@@ -138,9 +140,11 @@ def load_heldout_items(project: Project, max_items: int | None) -> list[Item]:
                     label=stage.label,
                     system=full,
                     brief=brief,
-                    question=turns[0]["content"].strip(),
-                    reference=turns[1]["content"].strip(),
+                    question=turns[-2]["content"].strip(),
+                    reference=turns[-1]["content"].strip(),
                     set="heldout",
+                    history=[{"role": t["role"], "content": t["content"]} for t in turns[:-2]],
+                    source="exchange" if (record.get("reply") or {}).get("question") == "real" else "passage",
                 )
             )
     return items
@@ -241,16 +245,18 @@ def messages_for(
     system: System, item: Item, context: Callable[[Item], dict[str, str] | None] | None = None
 ) -> list[Message]:
     """The conversation a system sees for an item: trained systems get the label token, rag the context."""
+    turns: list[Message] = [*item.history, {"role": "user", "content": item.question}]
     if system.mode == "trained":
-        question = f"{item.label} {item.question}" if item.label else item.question
+        if item.label:  # the stage label opens the first user turn, as in training
+            turns[0] = {"role": "user", "content": f"{item.label} {turns[0]['content']}"}
         trained = item.brief if system.styles.get(item.persona) == "brief" and item.brief else item.system
-        return [{"role": "system", "content": trained}, {"role": "user", "content": question}]
+        return [{"role": "system", "content": trained}, *turns]
     prompt = item.system
     if system.mode == "rag":
         found = item.context if item.context is not None else (context(item) if context else None)
         if found is not None:
             prompt = rag_system_prompt(item.system, found.get("knowledge", ""), found.get("style", ""))
-    return [{"role": "system", "content": prompt}, {"role": "user", "content": item.question}]
+    return [{"role": "system", "content": prompt}, *turns]
 
 
 def rag_system_prompt(system: str, knowledge: str, style: str) -> str:

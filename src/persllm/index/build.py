@@ -5,6 +5,8 @@ Layout under ``<run_dir>/index/``::
     <persona>/<stage>/chunks.jsonl     one Chunk per line, in corpus order
     <persona>/<stage>/embeddings.npy   float32 [n, d], row i embeds line i of chunks.jsonl
     <persona>/<stage>/meta.json        model, dimension, counts, fingerprint (written last)
+    <persona>/<stage>/exchanges.jsonl  the stage's real exchanges (dialogue material) that train
+    <persona>/<stage>/heldout_exchanges.jsonl  those set aside, whole, for evaluation
     embeddings_cache/<model>.npz       text hash -> vector for one embedder model
 
 The cache is keyed by the chunk text and the embedder model, not by persona or stage, so an unchanged
@@ -20,13 +22,15 @@ from typing import Any
 import numpy as np
 
 from persllm.config import EmbedderConfig, Project
+from persllm.errors import UserError
 from persllm.hashing import stable_hash
 from persllm.index import encoder
 from persllm.jsonl import write_jsonl
 from persllm.layout import RunLayout, write_atomic, write_json_atomic
 from persllm.manifest import record_stage
 from persllm.persona.corpus import Chunk, read_stage_chunks
-from persllm.persona.heldout import HoldoutRule, split_stages
+from persllm.persona.dialogue import Exchange, read_persona_exchanges
+from persllm.persona.heldout import HoldoutRule, nothing_held_out, split_exchanges, split_stages
 
 
 def run(project: Project, personas: list[str] | None = None, progress: bool = False) -> dict[str, Any]:
@@ -43,6 +47,20 @@ def run(project: Project, personas: list[str] | None = None, progress: bool = Fa
         for stage in project.persona(persona_id).stages:
             stages.append((persona_id, stage.id, read_stage_chunks(project, persona_id, stage.id)))
     stages, heldout = split_stages(stages, holdout_rule(project), project.config.seed)
+    talks = {
+        (persona_id, stage_id): found
+        for persona_id in persona_ids
+        for stage_id, found in read_persona_exchanges(project, persona_id).items()
+    }
+    check_material(project, stages, talks)
+    talks_held = {
+        key: split_exchanges(found, holdout_rule(project), project.config.seed, f"{key[0]}/{key[1]}")
+        for key, found in talks.items()
+    }
+    for persona_id, stage_id, chunks in stages:
+        has_style = any(c.kind == "style" for c in chunks) or heldout[(persona_id, stage_id)]
+        if not has_style and not talks.get((persona_id, stage_id)):
+            nothing_held_out(f"persona {persona_id!r}, stage {stage_id!r}", holdout_rule(project))
 
     # Embed only texts the cache has not seen for this model.
     cache_path = layout.embedding_cache(model_key(cfg))
@@ -63,6 +81,13 @@ def run(project: Project, personas: list[str] | None = None, progress: bool = Fa
         write_stage(layout, persona_id, stage_id, chunks, matrix.astype(np.float32), cfg)
         held = heldout[(persona_id, stage_id)]
         write_jsonl(layout.heldout_chunks(persona_id, stage_id), (c.to_dict() for c in held))
+        train_talk, held_talk = talks_held[(persona_id, stage_id)]
+        for path, found in (
+            (layout.exchanges(persona_id, stage_id), train_talk),
+            (layout.heldout_exchanges(persona_id, stage_id), held_talk),
+        ):
+            if found or path.exists():
+                write_jsonl(path, (exchange.to_dict() for exchange in found))
         # A new text shared by several stages counts as embedded once, in the first stage using it.
         new_here = {key for key in keys if key in fresh}
         fresh -= new_here
@@ -77,6 +102,8 @@ def run(project: Project, personas: list[str] | None = None, progress: bool = Fa
                 "embedded": embedded,
                 "reused": len(chunks) - embedded,
                 "heldout": len(heldout[(persona_id, stage_id)]),
+                "exchanges": len(train_talk),
+                "heldout_exchanges": len(held_talk),
             }
         )
     if personas is None:
@@ -91,13 +118,21 @@ def run(project: Project, personas: list[str] | None = None, progress: bool = Fa
         "embedded": len(missing),
         "reused": sum(row["chunks"] for row in rows) - sum(row["embedded"] for row in rows),
         "heldout": sum(len(held) for held in heldout.values()),
+        "exchanges": sum(row["exchanges"] for row in rows),
+        "heldout_exchanges": sum(row["heldout_exchanges"] for row in rows),
         "model": cfg.model,
         "dimension": int(dim),
         "seconds": round(time.perf_counter() - started, 3),
     }
     split = {f"{p}/{s}": [{"id": c.id, "ref": c.ref} for c in held] for (p, s), held in heldout.items()}
+    split_talk = {f"{p}/{s}": [e.ref for e in held] for (p, s), (_, held) in talks_held.items() if held}
     fingerprint = stable_hash(
-        {"model": cfg.model, "chunks": [[c.id for c in s[2]] for s in stages], "heldout": split}
+        {
+            "model": cfg.model,
+            "chunks": [[c.id for c in s[2]] for s in stages],
+            "heldout": split,
+            **({"exchanges": split_talk} if split_talk else {}),
+        }
     )
     record_stage(
         project,
@@ -110,8 +145,23 @@ def run(project: Project, personas: list[str] | None = None, progress: bool = Fa
         reused=result["reused"],
         seconds=result["seconds"],
         heldout=split,
+        heldout_exchanges=split_talk,
     )
     return result
+
+
+def check_material(
+    project: Project,
+    stages: list[tuple[str, str, list[Chunk]]],
+    talks: dict[tuple[str, str], list[Exchange]],
+) -> None:
+    """Every stage needs some text or some real exchange once the dated chats are spread over the stages."""
+    for persona_id, stage_id, chunks in stages:
+        if not chunks and not talks.get((persona_id, stage_id)):
+            raise UserError(
+                f"{project.persona_paths[persona_id]}: stage {stage_id!r}: no text and no exchange of "
+                f"{project.persona(persona_id).name} falls in it; add material or widen its dates"
+            )
 
 
 def holdout_rule(project: Project) -> HoldoutRule:

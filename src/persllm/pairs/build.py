@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from persllm.curate.filters import word_overlap
+from persllm.curate.filters import reply_source, word_overlap
 from persllm.curate.format import CotMode, SystemStyle, assistant_text, system_prompt, with_label
 
 if TYPE_CHECKING:
@@ -28,9 +28,21 @@ class Candidate:
 
 
 def opening(record: dict[str, Any]) -> tuple[str, str, str]:
-    """(user input, analysis, response) of a record's first exchange: the part pairs are built on."""
-    user, reply = record["turns"][0], record["turns"][1]
+    """(user input, analysis, response) of the exchange pairs are built on: a dialogue's first, a real
+    exchange's last (its reply; the turns before it are context, see ``history``)."""
+    user, reply = record["turns"][-2:] if is_real_exchange(record) else record["turns"][:2]
     return user["content"], reply.get("analysis", ""), reply["content"]
+
+
+def is_real_exchange(record: dict[str, Any]) -> bool:
+    return reply_source(record) == "dialogue"
+
+
+def history(record: dict[str, Any]) -> list[dict[str, str]]:
+    """The real turns before a real exchange's last user turn (none for other records)."""
+    if not is_real_exchange(record):
+        return []
+    return [{"role": t["role"], "content": t["content"]} for t in record["turns"][:-2]]
 
 
 def pair_problem(chosen: str, rejected: str, min_difference: float) -> str | None:
@@ -50,10 +62,9 @@ def pair_row(
     record = candidate.record
     stage = persona.stage(record["stage"])
     question, analysis, response = opening(record)
-    prompt = [
-        {"role": "system", "content": system_prompt(persona, stage, style)},
-        {"role": "user", "content": with_label(question, stage.label)},
-    ]
+    turns = [*history(record), {"role": "user", "content": question}]
+    turns[0] = {"role": "user", "content": with_label(turns[0]["content"], stage.label)}
+    prompt = [{"role": "system", "content": system_prompt(persona, stage, style)}, *turns]
     return {
         "prompt": prompt,
         "chosen": [{"role": "assistant", "content": assistant_text(analysis, response, cot)}],

@@ -9,7 +9,7 @@ import numpy.typing as npt
 
 from persllm.cot import split_inline
 from persllm.curate.dedup import COSINE_TOLERANCE
-from persllm.curate.filters import reply_source
+from persllm.curate.filters import REAL_SOURCES, reply_source
 from persllm.pairs.build import Candidate, opening, other_stages
 
 if TYPE_CHECKING:
@@ -120,7 +120,9 @@ def neighbour_candidates(
 
 
 def is_own(record: dict[str, Any]) -> bool:
-    return reply_source(record) == "own_words"
+    """The person's real reply (own words or a real exchange): its pairs come from neighbours, never from
+    the annotator regenerating it (that would teach "prefer real text", not "prefer the right stage")."""
+    return reply_source(record) in REAL_SOURCES
 
 
 async def cross_stage(

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -184,16 +185,21 @@ def decode(path: Path) -> str:
         ) from None
 
 
-def jsonl_blocks(path: Path, text: str) -> list[tuple[int, list[str]]]:
-    """One block per JSON line: its ``text`` field, which must be a string."""
-    blocks: list[tuple[int, list[str]]] = []
+def json_lines(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a JSONL text; bad JSON names the line."""
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}:{number}: not valid JSON ({exc.msg}); fix that line") from None
+
+
+def jsonl_blocks(path: Path, text: str) -> list[tuple[int, list[str]]]:
+    """One block per JSON line: its ``text`` field, which must be a string."""
+    blocks: list[tuple[int, list[str]]] = []
+    for number, row in json_lines(path, text):
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise UserError(f'{path}:{number}: needs a string "text" field; add one, e.g. {{"text": "..."}}')
         blocks.append((number, [row["text"]]))
@@ -215,7 +221,8 @@ def ref_path(path: Path, root: Path) -> str:
 def read_stage_chunks(project: Project, persona_id: str, stage_id: str) -> list[Chunk]:
     """All chunks of one stage: its knowledge files, then its style files, in file order.
 
-    Repeats of the same text within a stage and kind are dropped (the first occurrence is kept).
+    Repeats of the same text within a stage and kind are dropped (the first occurrence is kept). A stage
+    with no text at all is a user error, unless it has dialogue material (``persona.dialogue``).
     """
     max_words = project.config.corpus.max_words
     chunks: list[Chunk] = []
@@ -241,7 +248,9 @@ def read_stage_chunks(project: Project, persona_id: str, stage_id: str) -> list[
                         words=len(text.split()),
                     )
                 )
-    if not chunks:
+    persona = project.persona(persona_id)
+    has_dialogue = bool(persona.stage(stage_id).dialogue or persona.dialogue)
+    if not chunks and not has_dialogue:
         names = ", ".join(ref_path(path, project.root) for path in files)
         raise UserError(
             f"{project.persona_paths.get(persona_id, project.config_path)}: stage {stage_id!r}: its files "

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from persllm.errors import UserError
 from persllm.hashing import stable_hash
 from persllm.persona.corpus import Chunk
+from persllm.persona.dialogue import Exchange, without_heldout
 
 log = logging.getLogger("persllm")
 
@@ -47,21 +48,15 @@ def choose_heldout(chunks: list[Chunk], rule: HoldoutRule, seed: int, where: str
     Only passages of at least ``min_words`` words are candidates: a heading or a signature line is no
     reference for an answer.
     The choice depends only on the chunks' references and texts and the seed, not on their order.
-    A stage with no style passage, or too few to split, holds out nothing: a warning naming ``where``
-    and the minimum (its evaluation runs on annotator data only), or with ``strict`` a user error.
+    A stage with too few style passages to split holds out nothing: a warning naming ``where`` and the
+    minimum, or with ``strict`` a user error. A stage with none holds out nothing, silently here.
     """
     style = sorted(
         (c for c in chunks if c.kind == "style" and c.words >= rule.min_words), key=lambda c: (c.ref, c.id)
     )
     n_held = rule.count(len(style))
     if not style:
-        if rule.share > 0:
-            log.warning(
-                "warning: %s: no style passages (the person's own words), so nothing is held out and "
-                "there is no held-out evaluation for this stage; add style files to get one",
-                where,
-            )
-        return []
+        return []  # whether the stage has any held-out evaluation is for ``nothing_held_out`` to say
     if len(style) - n_held < rule.min_train:
         problem = (
             f"{where}: {len(style)} style passages are too few for the held-out split (at least "
@@ -98,3 +93,45 @@ def split_stages(
     texts = {chunk.text for held in heldout.values() for chunk in held}
     kept = [(persona, stage, without_texts(chunks, texts)) for persona, stage, chunks in stages]
     return kept, heldout
+
+
+def split_exchanges(
+    exchanges: list[Exchange], rule: HoldoutRule, seed: int, where: str
+) -> tuple[list[Exchange], list[Exchange]]:
+    """(training, held-out) exchanges of one stage: a seeded share of whole exchanges is set aside.
+
+    The same rule as passages (share, at least ``minimum``, at most ``maximum``, ``min_train`` left).
+    A training exchange whose earlier turns hold a held-out reply is cut to start after it, so no
+    held-out reply is ever in training text.
+    """
+    n_held = rule.count(len(exchanges))
+    if n_held == 0 or len(exchanges) - n_held < rule.min_train:
+        if exchanges and rule.share > 0:
+            log.warning(
+                "warning: %s: %d real exchanges are too few to hold some out (min_train %d); none of "
+                "them is evaluated",
+                where,
+                len(exchanges),
+                rule.min_train,
+            )
+        return exchanges, []
+    order = sorted(exchanges, key=lambda e: e.ref)
+    rng = random.Random(int(stable_hash([seed, where, "holdout-exchanges"], length=15), 16))
+    rng.shuffle(order)
+    chosen = {id(e) for e in order[:n_held]}
+    heldout = [e for e in exchanges if id(e) in chosen]
+    train = without_heldout([e for e in exchanges if id(e) not in chosen], heldout)
+    return train, heldout
+
+
+def nothing_held_out(where: str, rule: HoldoutRule) -> None:
+    """A stage with no own words and no real exchanges to hold out: a warning, or with ``strict`` an error."""
+    if rule.share <= 0:
+        return
+    problem = (
+        f"{where}: no style passages (the person's own words) and no real exchanges, so nothing is held out "
+        "and there is no held-out evaluation for this stage"
+    )
+    if rule.strict:
+        raise UserError(f"{problem}; add style or dialogue files, or set holdout.strict: false")
+    log.warning("warning: %s; add style or dialogue files to get one", problem)
