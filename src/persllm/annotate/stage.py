@@ -319,7 +319,8 @@ def real_record(persona: str, stage: str, exchange: dict[str, Any], source: str)
     ]
     ref = str(exchange["ref"])
     return {
-        "id": item_id(persona, stage, "dialogue", ref, 0, source),
+        # The turns are part of the id: a window cut by a changed held-out split is a new record.
+        "id": item_id(persona, stage, "dialogue", f"{ref}#{stable_hash(turns, length=12)}", 0, source),
         "persona": persona,
         "stage": stage,
         "kind": "ordinary",
