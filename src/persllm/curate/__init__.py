@@ -49,6 +49,7 @@ def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]
     spans = prompt_word_spans(annotator_templates())
 
     summary: dict[str, Any] = {}
+    verdicts: list[str] = []
     for persona_id, records in loaded.items():
         persona = project.persona(persona_id)
         counts = CurateCounts()
@@ -90,9 +91,10 @@ def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]
         written = [r for r in records if reply_source(r) == "annotator"]
         kept_written = [r for r in valid if reply_source(r) == "annotator"]
         verdict = annotator_verdict(persona_id, project, len(written), len(kept_written), counts)
-        if verdict:
+        if verdict:  # every persona is still checked and counted, so the stats say all there is
             update_stats(project.layout.stats(persona_id), "curate", counts.summary(0, 0, 0))
-            raise UserError(verdict)
+            verdicts.append(verdict)
+            continue
 
         # Split the deduplicated records (stratified by stage and kind; the person's own words and real
         # exchanges always train, their test is the held-out passages and exchanges), then render and mix.
@@ -122,6 +124,11 @@ def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]
         stats.update({"repeat": cfg.repeat, "cot": cfg.cot, "system_prompt": cfg.system_prompt, "seed": seed})
         update_stats(layout.stats(persona_id), "curate", stats)
         summary[persona_id] = stats
+
+    if verdicts:
+        others = len(verdicts) - 1
+        more = f" (and {others} more persona{'s' if others > 1 else ''} like it)" if others else ""
+        raise UserError(verdicts[0] + more)
 
     # Manifest: the pipeline's fingerprint, so an unchanged project is not curated again by `persllm run`.
     totals = {key: sum(stats[key] for stats in summary.values()) for key in TOTALS}
