@@ -304,7 +304,7 @@ def test_an_annotator_that_cannot_write_the_persona_stops_curation_with_one_line
         record(
             f"bad-{i}",
             TOPICS[3 + i],
-            answer="Bananas ripen fastest in warm paper bags on a sunny kitchen shelf.",
+            answer="I find bananas ripen fastest in warm paper bags on my sunny kitchen shelf.",
         )
         for i in range(4)
     ]
@@ -407,8 +407,8 @@ def test_rows_have_system_prompt_stage_token_and_inline_cot(tmp_path: Path) -> N
         more=[
             (
                 "And did he change his mind later?",
-                "He wrote the report himself in 1885.",
-                "He did, in writing.",
+                "I wrote the report myself in 1885.",
+                "I did, in writing.",
             )
         ],
     )
@@ -437,8 +437,8 @@ def test_rows_have_system_prompt_stage_token_and_inline_cot(tmp_path: Path) -> N
     assert row["messages"][3]["content"] == "And did he change his mind later?"
     assert row["messages"][2]["content"] == render_inline(ANALYSIS, multi["turns"][1]["content"])
     assert split_inline(row["messages"][4]["content"]) == (
-        "He wrote the report himself in 1885.",
-        "He did, in writing.",
+        "I wrote the report myself in 1885.",
+        "I did, in writing.",
     )
     assert rows["elsie-keeper-ordinary-0"]["messages"][1]["content"].startswith("<TIME-I> ")
 
@@ -449,7 +449,7 @@ def test_rows_have_system_prompt_stage_token_and_inline_cot(tmp_path: Path) -> N
     rows = {r["meta"]["id"]: r for r in read_jsonl(project.run_dir / "data" / "elsie" / "sft_train.jsonl")}
     assert [m["content"] for m in rows["multi"]["messages"][2::2]] == [
         multi["turns"][1]["content"],
-        "He did, in writing.",
+        "I did, in writing.",
     ]
     assert "<think>" not in json.dumps(rows)
 

@@ -388,6 +388,7 @@ def test_bad_dialogue_material_is_exit_2_with_one_line_and_no_index(
         ]
         (root / "talk" / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         persona["dialogue"] = ["../talk/chat.jsonl"]
+        persona["speakers"] = ["Elsie"]
         if change == "outside":
             persona["stages"][0].update({"since": "1880-01-01", "until": "1899-12-31"})
             persona["stages"][1].update({"since": "1900-01-01", "until": "1910-12-31"})
@@ -425,7 +426,7 @@ def test_a_biography_only_project_stops_before_training_naming_the_annotator(tmp
         persona = yaml.safe_load(persona_path.read_text())
         for stage in persona["stages"]:
             stage.pop("style")
-            stage.pop("dialogue")
+            stage.pop("dialogue", None)
         persona_path.write_text(yaml.safe_dump(persona, sort_keys=False))
     config = yaml.safe_load((root / "persllm.yaml").read_text())
     config["holdout"] = {"share": 0}

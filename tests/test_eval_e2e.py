@@ -148,6 +148,7 @@ def test_the_cli_evaluates_the_base_model_and_the_adapters(tmp_path: Path, tiny_
         "items": 4,
         "golden_items": 4,
         "heldout_items": 0,
+        "heldout_exchanges": 0,
         "generations": 3 * 4 * 2,
     }
     assert metrics["settings"]["params"] == {"temperature": 0.8, "max_tokens": 12}

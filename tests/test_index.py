@@ -80,7 +80,7 @@ def test_run_writes_aligned_index_files_and_manifest(project: Path) -> None:
     rows = {(row["persona"], row["stage"]): row for row in result["stages"]}
     assert rows["kit", "sea"] == {
         "persona": "kit", "stage": "sea", "chunks": 4, "knowledge": 3, "style": 1, "embedded": 4, "reused": 0,
-        "heldout": 0,
+        "heldout": 0, "exchanges": 0, "heldout_exchanges": 0,
     }  # fmt: skip
     # The same two RAIL paragraphs appear in two stages: embedded once, reused by the second stage.
     assert rows["kit", "rail"]["embedded"] + rows["moss", "only"]["embedded"] == 2

@@ -19,7 +19,7 @@ from persllm.pairs.sources import nearest_in_range
 from tests.fake_openai import FakeOpenAI
 from tests.test_curate import TOPICS, make_project, record
 
-JONAH_ANSWER = "The Board sits in Edinburgh and never once asked a fisherman where the rocks are."
+JONAH_ANSWER = "The Board sits in Edinburgh and never once asked me where the rocks are."
 ELSIE_ANSWER = "I kept the lamp burning for forty-one nights before the inspector came."
 
 

@@ -67,6 +67,9 @@ def write_config(path: Path, base_model: Path, fake_url: str, ordinary: int = 2)
                 "min_analysis_words": 1,
                 "test_fraction": 0.25,
                 "system_prompt": "brief",
+                # These tests are about run state, not the scripted annotator's grounding.
+                "annotator_min_kept": 0.0,
+                "grounding_min": -1.0,
             },
             "pairs": {"min_difference": 0.05},
             "base_model": {"backend": "transformers", "model": str(base_model), "params": {"max_tokens": 12}},
