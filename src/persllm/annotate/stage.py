@@ -79,7 +79,6 @@ def run(
     layout = project.layout
     written = {pid: existing_ids(layout, pid) for pid in persona_ids}
     real = write_real_dialogues(layout, persona_ids, selected, written, limit)
-    written = {pid: existing_ids(layout, pid) for pid in persona_ids}
 
     # Skip what earlier runs wrote.
     todo = [item for item in items if item.id not in written[item.persona]]
@@ -279,7 +278,8 @@ def write_real_dialogues(
     written: dict[str, set[str]],
     limit: int | None,
 ) -> dict[str, int]:
-    """Append a record for every real exchange not written yet; (training, held-out) counts written now.
+    """Append a record for every real exchange not written yet (adding its id to ``written``); the counts
+    written now (training, held-out) and present.
 
     A training exchange is a dialogue as it is; a held-out one is an evaluation item whose question is
     the real turn before the reply. With a ``limit`` (a trial run) none is written.
@@ -305,6 +305,7 @@ def write_real_dialogues(
                 )
                 with JsonlAppender(target) as appender:
                     appender.extend(fresh)
+                written[persona_id].update(r["id"] for r in fresh)
                 counts[source] += len(fresh)
     return counts
 

@@ -259,13 +259,16 @@ def _write_card(project: Any, personas: list[str] | None, stage: str | None, out
     chosen = persona.stage(stage) if stage else persona.stages[-1]
     layout = project.layout
     knowledge: list[tuple[str, str, str]] = []
+    own: list[str] = []  # the chosen stage's own words: the card's greeting is one of them
     for each in persona.stages:
         path = layout.chunks(persona.id, each.id)
         if not path.exists():
             raise UserError(f"{path}: no index for {persona.id}/{each.id}; run `persllm index` first")
-        knowledge += [(each.id, c["ref"], c["text"]) for c in read_jsonl(path) if c["kind"] == "knowledge"]
+        chunks = read_jsonl(path)
+        knowledge += [(each.id, c["ref"], c["text"]) for c in chunks if c["kind"] == "knowledge"]
+        if each.id == chosen.id:
+            own = [c["text"] for c in chunks if c["kind"] == "style"]
     exchanges = [row["turns"] for row in read_jsonl(layout.exchanges(persona.id, chosen.id))[:3]]
-    own = [c["text"] for c in read_jsonl(layout.chunks(persona.id, chosen.id)) if c["kind"] == "style"]
     data = persona.model_dump(mode="json", exclude_none=True)
     data["stages"] = [
         {"id": s.id, "time": s.time, **({"label": s.label} if s._label_given else {})} for s in persona.stages

@@ -46,7 +46,8 @@ def run(project: Project, personas: list[str] | None = None, progress: bool = Fa
     for persona_id in persona_ids:
         for stage in project.persona(persona_id).stages:
             stages.append((persona_id, stage.id, read_stage_chunks(project, persona_id, stage.id)))
-    stages, heldout = split_stages(stages, holdout_rule(project), project.config.seed)
+    rule = holdout_rule(project)
+    stages, heldout = split_stages(stages, rule, project.config.seed)
     talks = {
         (persona_id, stage_id): found
         for persona_id in persona_ids
@@ -54,13 +55,13 @@ def run(project: Project, personas: list[str] | None = None, progress: bool = Fa
     }
     check_material(project, stages, talks)
     talks_held = {
-        key: split_exchanges(found, holdout_rule(project), project.config.seed, f"{key[0]}/{key[1]}")
+        key: split_exchanges(found, rule, project.config.seed, f"{key[0]}/{key[1]}")
         for key, found in talks.items()
     }
     for persona_id, stage_id, chunks in stages:
         has_style = any(c.kind == "style" for c in chunks) or heldout[(persona_id, stage_id)]
         if not has_style and not talks.get((persona_id, stage_id)):
-            nothing_held_out(f"persona {persona_id!r}, stage {stage_id!r}", holdout_rule(project))
+            nothing_held_out(f"persona {persona_id!r}, stage {stage_id!r}", rule)
 
     # Embed only texts the cache has not seen for this model.
     cache_path = layout.embedding_cache(model_key(cfg))
