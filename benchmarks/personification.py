@@ -135,6 +135,7 @@ def write_project(size: dict[str, Any]) -> Path:
             "robustness": {"probes_per_stage": 3, "pressure_turns": 3, "conversation_turns": 4},
             "heldout_items": size["generated"],
             "likelihood": {"max_tokens": 64},
+            "dtype": "bfloat16",  # about 1.8x faster on this CPU (AVX-512 BF16)
         },
     }
     path = PROJECT / "persllm.yaml"
@@ -146,10 +147,10 @@ def run_pipeline(config: Path) -> tuple[float, str]:
     persllm = Path(sys.executable).with_name("persllm")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     started = time.perf_counter()
-    done = subprocess.run([str(persllm), "run", str(config)], env=env, capture_output=True, text=True)
+    # Progress lines (stderr) pass through: a power run takes two hours.
+    done = subprocess.run([str(persllm), "run", str(config)], env=env, stdout=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
-        sys.stderr.write(done.stderr[-4000:])
         raise SystemExit(f"persllm run failed with exit {done.returncode}")
     return seconds, done.stdout
 

@@ -276,3 +276,21 @@ def test_the_judge_is_first_measured_at_picking_the_real_passage(
     assert results["always A"]["accuracy"]["high"] < 0.75  # position, not knowledge
     assert results["garbage"]["accuracy"]["value"] == 0.0 and results["garbage"]["unreadable"] == 16
     assert judging.parse_letter("Passage C.", 4) == 2 and judging.parse_letter("E", 4) is None
+
+
+def test_the_evaluation_can_run_its_models_in_bfloat16(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from persllm.llm import TransformersBackend
+
+    values = {}
+    for dtype in ("float32", "bfloat16"):
+        project = heldout_project(tmp_path / dtype, tiny_model_dir, {"dtype": dtype})
+        systems, skipped = plan_systems(project, ["prompt"])
+        assert systems[0].llm.dtype == dtype
+        items = load_heldout_items(project, None)
+        result = likelihood.run(project, systems, items, retrieval_context(project), {}, skipped)
+        values[dtype] = result["systems"]["prompt"]["heldout_nll"]["value"]
+        # Answers in another dtype differ a little: they never share cache rows with float32 ones.
+        weights = TransformersBackend(systems[0].llm).cache_identity({})["weights"]
+        assert (weights is not None and "bfloat16" in weights) == (dtype == "bfloat16")
+    assert values["bfloat16"] == pytest.approx(values["float32"], abs=0.1)
+    assert values["bfloat16"] != values["float32"]

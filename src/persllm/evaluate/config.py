@@ -93,6 +93,12 @@ class EvalConfig(Section):
     baseline: str = Field(
         "prompt", description="System every other one is compared with in pairwise preference."
     )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Weights dtype of every model the evaluation runs locally (answers, probes, "
+        "likelihood); auto = each model's own `dtype`. bfloat16 on a CPU with AVX-512 BF16 runs about 1.8x "
+        "faster than float32; likelihoods move by a few hundredths of a nat per token.",
+    )
     questionnaire: str | None = Field(
         None,
         description="Personality questionnaire: 'bundled:big5-30' (persllm's own 30 Big Five statements), "

@@ -192,7 +192,7 @@ def annotation_contexts(project: Project, persona_id: str) -> dict[str, dict[str
 def plan_systems(project: Project, names: list[str]) -> tuple[list[System], dict[str, str]]:
     """The systems to run and, for each one left out, why (missing models never stop the evaluation)."""
     cfg = project.config
-    base = cfg.base_model
+    base = with_dtype(cfg.base_model, cfg.eval.dtype)
     planned: list[System] = []
     skipped: dict[str, str] = {}
     for name in dict.fromkeys(names):
@@ -209,11 +209,16 @@ def plan_systems(project: Project, names: list[str]) -> tuple[list[System], dict
             styles = {p: system_style(path) for p, path in adapters.items()}
             planned.append(System(name, base, "trained", adapters, styles))
         elif name in cfg.eval.extra_systems:
-            planned.append(System(name, cfg.eval.extra_systems[name], "prompt"))
+            planned.append(System(name, with_dtype(cfg.eval.extra_systems[name], cfg.eval.dtype), "prompt"))
         else:
             known = ", ".join([*BUILTIN, *cfg.eval.extra_systems])
             raise UserError(f"eval.systems: unknown system {name!r}; use one of: {known}")
     return planned, skipped
+
+
+def with_dtype(llm: LLMConfig, dtype: str) -> LLMConfig:
+    """``llm`` with the evaluation's weights dtype, where one is set."""
+    return llm if dtype == "auto" else llm.model_copy(update={"dtype": dtype})
 
 
 def generation_target(project: Project, system: System, persona: str) -> tuple[LLMConfig, str | None]:
@@ -260,11 +265,13 @@ def messages_for(
 
 
 def rag_system_prompt(system: str, knowledge: str, style: str) -> str:
+    from persllm.index.retrieve import without_sources
+
     return render(
         "rag_system",
         system=system,
-        knowledge=knowledge or "(nothing retrieved)",
-        style=style or "(nothing retrieved)",
+        knowledge=without_sources(knowledge) or "(nothing retrieved)",
+        style=without_sources(style) or "(nothing retrieved)",
     )
 
 

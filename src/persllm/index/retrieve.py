@@ -15,6 +15,7 @@ retrieval workers): loading is locked, retrieval itself only reads.
 """
 
 import json
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -78,6 +79,13 @@ class Context:
 def render(pieces: list[Piece]) -> str:
     """Pieces as ``[ref] text`` blocks separated by blank lines."""
     return "\n\n".join(f"[{piece.ref}] {piece.text}" for piece in pieces)
+
+
+def without_sources(text: str) -> str:
+    """Rendered pieces without their ``[ref]`` markers: what a persona model is shown. The annotator
+    sees the sources; a model answering in character does not need file paths (in a corpus read from
+    another folder they are a third of the context's tokens) and should not learn to cite them."""
+    return "\n\n".join(re.sub(r"^\[[^\]\n]*\] ", "", block) for block in text.split("\n\n"))
 
 
 @dataclass

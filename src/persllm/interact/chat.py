@@ -41,13 +41,13 @@ def run(
 
 def retriever(project: Project) -> RetrieveFn:
     """Retrieval of the persona's own material for a message, as (knowledge, style) text."""
-    from persllm.index.retrieve import Retriever
+    from persllm.index.retrieve import Retriever, without_sources
 
     index = Retriever(project)
 
     def retrieve(persona: str, stage: str, query: str) -> tuple[str, str]:
         context = index.retrieve(persona, stage, query)
-        return context.knowledge_text(), context.style_text()
+        return without_sources(context.knowledge_text()), without_sources(context.style_text())
 
     return retrieve
 

@@ -204,8 +204,12 @@ class TransformersBackend:
         adapter = self._adapters[name] if name else None
         model = self.cfg.model
         local = not model.startswith("bundled:") and Path(model).exists()
+        # float32 rows keep their old keys; another dtype answers a little differently.
+        dtype = pick_dtype(self.cfg.dtype, self.device or pick_device(self.cfg.device))
+        parts = [self._fingerprint(model) if local else "", "" if dtype == "float32" else dtype]
+        weights = ":".join(part for part in parts if part)
         return {
-            "weights": self._fingerprint(model) if local else None,
+            "weights": weights or None,
             "adapter": f"lora:{self._fingerprint(adapter)}" if adapter else None,
         }
 

@@ -17,7 +17,7 @@ Every parser is a pure function of the file's path (for messages) and text; ``re
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -120,10 +120,7 @@ def parse_transcript(path: Path, text: str) -> list[Message]:
                 Message(match.group(1).strip(), normalise(match.group(2)), number, None, conversation)
             )
         elif messages and messages[-1].conversation == conversation:
-            last = messages[-1]
-            messages[-1] = Message(
-                last.speaker, f"{last.text} {normalise(line)}", last.line, None, conversation
-            )
+            messages[-1] = replace(messages[-1], text=f"{messages[-1].text} {normalise(line)}")
     return messages
 
 
@@ -166,8 +163,7 @@ def parse_whatsapp(path: Path, text: str) -> list[Message]:
                 when = whatsapp_time(match, day_first, f"{path}:{number}")
                 messages.append(Message(speaker, normalise(said), number, when))
         elif open_message and line.strip() and messages:
-            last = messages[-1]
-            messages[-1] = Message(last.speaker, f"{last.text} {normalise(line)}", last.line, last.time)
+            messages[-1] = replace(messages[-1], text=f"{messages[-1].text} {normalise(line)}")
     return messages
 
 
