@@ -185,7 +185,10 @@ def test_each_system_is_prompted_its_own_way(project: Project) -> None:
     assert item.brief.startswith("You are Elsie") and "keeper years" in item.brief
     rag = messages_for(System("rag", base, "rag"), item)
     assert rag[0]["content"].startswith(item.system)
-    assert item.context is not None and item.context["knowledge"] in rag[0]["content"]
+    # The retrieved pieces without their source markers (the annotator saw "[k] ...").
+    assert item.context is not None and item.context["knowledge"].startswith("[k] ")
+    assert item.context["knowledge"].removeprefix("[k] ") in rag[0]["content"]
+    assert "[k] " not in rag[0]["content"]
     assert rag[1] == prompt[1]
 
 
@@ -199,4 +202,5 @@ def test_rag_re_retrieves_when_the_record_has_no_context(project: Project) -> No
 
     rag = messages_for(System("rag", project.config.base_model, "rag"), item, fetch)
     assert seen == ["Lamp?"]
-    assert "[a.md:1] The lamp burns oil." in rag[0]["content"] and "(nothing retrieved)" in rag[0]["content"]
+    content = rag[0]["content"]
+    assert "The lamp burns oil." in content and "[a.md:1]" not in content and "(nothing retrieved)" in content
