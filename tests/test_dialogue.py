@@ -282,7 +282,13 @@ def talked(tmp_path_factory: pytest.TempPathFactory) -> Any:
     persona = yaml.safe_load(persona_path.read_text())
     persona["speakers"] = ["Elsie"]
     persona["stages"][0]["dialogue"] = ["../talk/keeper.txt"]
+    del persona["stages"][1]["dialogue"]  # this module's transcript only
     persona_path.write_text(yaml.safe_dump(persona, sort_keys=False))
+    other_path = root / "personas" / "jonah.yaml"
+    other = yaml.safe_load(other_path.read_text())
+    for stage in other["stages"]:
+        del stage["dialogue"]
+    other_path.write_text(yaml.safe_dump(other, sort_keys=False))
     with FakeOpenAI(default_reply=back_writer) as server:
         configure(root / "persllm.yaml", server.base_url)
         project = load_project(root / "persllm.yaml")
