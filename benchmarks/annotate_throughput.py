@@ -263,7 +263,7 @@ def raw_ceiling(port: int, requests: int, concurrency: int) -> float:
 
 def client_only(base_url: str, requests: int, concurrency: int) -> float:
     """Requests/s of bare ``OpenAIBackend`` calls: no retrieval, cache or files."""
-    from persllm.llm.config import LLMConfig
+    from persllm.config.llm import LLMConfig
     from persllm.llm.openai_backend import OpenAIBackend
 
     async def go() -> float:

@@ -71,8 +71,8 @@ async def waves(
 
 
 def measure(name: str, model: str, size: int, prompts: list[Any], params: dict[str, Any]) -> dict[str, Any]:
+    from persllm.config.llm import LLMConfig
     from persllm.llm import make_backend
-    from persllm.llm.config import LLMConfig
 
     cfg = LLMConfig.model_validate({"backend": name, "model": model, "device": "cpu", "concurrency": size})
     backend: Any = make_backend(cfg)  # no cache: every call really generates

@@ -124,7 +124,7 @@ def reference_way(project: Project, queries: list[Query]) -> tuple[list[float], 
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as hf_logging
 
-    from persllm.llm.bundled import resolve_model
+    from persllm.bundled import resolve_model
 
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per query would flood the table
     cfg = project.config

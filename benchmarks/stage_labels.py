@@ -54,9 +54,9 @@ def bootstrap(values: list[float], seed: int = 7) -> dict[str, float]:
 def nll_table(run_dir: Path, kind: str) -> dict[str, Any]:
     """Mean NLL per token of each held-out passage under every stage's label (and label + time)."""
     from persllm.config import load_project
-    from persllm.curate.format import system_prompt
     from persllm.jsonl import read_jsonl
     from persllm.llm import LLMConfig, TransformersBackend
+    from persllm.prompting import system_prompt
     from persllm.train.common import read_training_json, system_style
 
     project = load_project(CONFIG, {"run_dir": str(run_dir.resolve()), "stage_labels.kind": kind})

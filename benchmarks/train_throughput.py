@@ -293,7 +293,7 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(args.config, args.worker, args.batch, args.threads)))
         return
 
-    from persllm.llm.bundled import resolve_model
+    from persllm.bundled import resolve_model
 
     params = parameters(resolve_model("bundled:smollm2"))
     nominal, nominal_from = nominal_core_peak()

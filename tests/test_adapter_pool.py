@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 
+from persllm.config.llm import LLMConfig
 from persllm.errors import UserError
-from persllm.llm.config import LLMConfig
 from persllm.llm.transformers_backend import TransformersBackend, reply_ids, saves_modules, shared_prefixes
 from persllm.train.common import add_stage_tokens
 
@@ -142,7 +142,7 @@ def test_a_folder_that_is_not_a_lora_adapter_is_one_line(
 
 @pytest.mark.slow
 def test_smollm2_pooled_greedy_replies_equal_alone(tmp_path: Path) -> None:
-    from persllm.llm.bundled import smollm2_folder
+    from persllm.bundled import smollm2_folder
 
     base = str(smollm2_folder())
     folders = {f"p{i}": make_adapter(base, tmp_path / f"p{i}", seed=i, scale=0.05) for i in range(3)}

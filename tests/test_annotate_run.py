@@ -27,8 +27,7 @@ from persllm.jsonl import read_jsonl
 from persllm.llm import make_backend, open_cache, run_sync
 from tests.fake_openai import FakeOpenAI, Fault
 
-REPO = Path(__file__).resolve().parent.parent
-PERSLLM = REPO / ".venv" / "bin" / "persllm"
+PERSLLM = [sys.executable, "-m", "persllm.cli"]  # the interpreter running the tests, its persllm
 
 PERSONA_YAML = """\
 id: ada
@@ -466,7 +465,7 @@ def test_cli_runs_and_reports(project_dir: Path) -> None:
 
 
 def test_cli_user_errors_exit_2(project_dir: Path) -> None:
-    command = [str(PERSLLM), "annotate", str(project_dir)]
+    command = [*PERSLLM, "annotate", str(project_dir)]
     bad_stage = subprocess.run([*command, "--stage", "nope"], capture_output=True, text=True, timeout=120)
     assert (
         bad_stage.returncode == 2
@@ -501,7 +500,7 @@ def test_kill_9_then_resume_writes_every_item_exactly_once(project_dir: Path) ->
     with FakeOpenAI(latency=0.3, default_reply=annotator_reply) as server:
         url = f"annotator.base_url={server.base_url}"
         command = [
-            str(PERSLLM),
+            *PERSLLM,
             "annotate",
             str(project_dir),
             "--concurrency",
@@ -541,7 +540,7 @@ def test_kill_9_then_resume_writes_every_item_exactly_once(project_dir: Path) ->
 
 def test_module_entry_is_importable_without_cycles() -> None:
     out = subprocess.run(
-        [sys.executable, "-c", "import persllm.annotate.config, persllm.config, persllm.annotate.stage"],
+        [sys.executable, "-c", "import persllm.config.annotate, persllm.config, persllm.annotate.run"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -13,15 +13,13 @@ import pytest
 from typer.testing import CliRunner
 
 from persllm.config import Project, load_project
+from persllm.config.llm import LLMConfig
 from persllm.interact import chat
 from persllm.interact.models import ModelPool, Speaker, chat_ref
 from persllm.interact.session import ChatSession
-from persllm.llm.config import LLMConfig
 from persllm.llm.openai_backend import OpenAIBackend
 from tests.fake_openai import FakeOpenAI
 from tests.test_chat_project import build_project
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +165,7 @@ def test_terminal_loop(project: Project, tmp_path: Path) -> None:
 
 
 def test_retrieval_adds_persona_material(project: Project, pool: ModelPool) -> None:
-    from persllm.index.build import run as build_index
+    from persllm.index.run import run as build_index
 
     build_index(project, ["elsie"])
     chat_session = session(project, pool, retrieve=chat.retriever(project))
@@ -194,7 +192,7 @@ def test_cli_chat_and_help(project: Project) -> None:
 
 def test_cli_user_errors_exit_2(project: Project) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    base = [str(REPO / ".venv" / "bin" / "persllm"), "chat", str(project.config_path)]
+    base = [sys.executable, "-m", "persllm.cli", "chat", str(project.config_path)]
     for extra, expected in (
         (["--persona", "nobody"], "no persona 'nobody'"),
         (["--persona", "elsie", "--stage", "moon"], "no stage 'moon'"),

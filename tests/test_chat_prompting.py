@@ -2,7 +2,6 @@
 
 import pytest
 
-from persllm.cot import render_inline, split_inline
 from persllm.interact.prompting import (
     ThinkSplitter,
     fit,
@@ -10,6 +9,7 @@ from persllm.interact.prompting import (
     merge_consecutive,
     trim_to_budget,
 )
+from persllm.prompting import render_inline, split_inline
 
 
 def words(messages: list[dict[str, str]]) -> int:

@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 from persllm.cli import main  # importing the package registers the commands
 from persllm.cli.app import app
 
-REPO = Path(__file__).resolve().parent.parent
 PERSLLM = Path(sys.executable).parent / "persllm"
 runner = CliRunner()
 

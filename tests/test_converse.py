@@ -11,10 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 from persllm.config import Project, load_project
+from persllm.config.interact import ConverseConfig
 from persllm.errors import UserError
 from persllm.interact import converse, measures
-from persllm.interact.config import ConverseConfig
 from persllm.jsonl import read_jsonl
+from persllm.prompting import parse_yes_no
 from tests.fake_openai import FakeOpenAI
 from tests.test_chat_project import build_project
 
@@ -91,8 +92,8 @@ def test_drift_coverage_and_flattery_measures() -> None:
     assert measures.flattering_phrases("It is swell, said nobody.", lexicon) == []
     assert measures.parse_score("Score: 4") == 4 and measures.parse_score("**Score:** 2\n") == 2
     assert measures.parse_score("I'd say 3.") == 3 and measures.parse_score("none") is None
-    assert measures.parse_yes_no("Answer: yes") is True and measures.parse_yes_no("No, it is not.") is False
-    assert measures.parse_yes_no("Perhaps.") is None
+    assert parse_yes_no("Answer: yes") is True and parse_yes_no("No, it is not.") is False
+    assert parse_yes_no("Perhaps.") is None
 
 
 # ---------------------------------------------------------------------- whole conversations

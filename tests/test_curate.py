@@ -11,13 +11,12 @@ from typer.testing import CliRunner
 
 from persllm import curate
 from persllm.config import CurateConfig, EmbedderConfig, PersonaConfig, load_project
-from persllm.cot import render_inline, split_inline
 from persllm.curate.dedup import dedup
 from persllm.curate.filters import check_record, echo_share, word_overlap
-from persllm.curate.format import system_prompt
 from persllm.curate.split import held_out_count, split_records
 from persllm.errors import UserError
 from persllm.jsonl import read_jsonl, write_jsonl
+from persllm.prompting import render_inline, split_inline, system_prompt
 
 ANALYSIS = "The user asks about the light; I kept it alone in 1884 and remember it well."
 
@@ -368,7 +367,7 @@ def test_run_counts_each_filter_and_writes_rows(tmp_path: Path) -> None:
     assert summary["personas"]["jonah"]["kept"] == 3 and summary["kept"] == 8
     manifest = json.loads((project.run_dir / "manifest.json").read_text())
     assert manifest["stages"]["curate"]["status"] == "done"
-    assert manifest["stages"]["curate"]["input_hash"]
+    assert manifest["stages"]["curate"]["seconds"] >= 0
     assert manifest["stages"]["curate"]["counts"]["train_rows"] == summary["train_rows"]
 
 
@@ -432,7 +431,7 @@ def test_rows_have_system_prompt_stage_token_and_inline_cot(tmp_path: Path) -> N
         and "trusts written records" in system
         and "It is 1905, in Carrow Bay." in system
     )
-    assert system == curate.system_prompt(project.persona("elsie"), "engineer")
+    assert system == system_prompt(project.persona("elsie"), "engineer")
     assert row["messages"][1]["content"] == f"<ENGINEER> {TOPICS[10]}"
     assert row["messages"][3]["content"] == "And did he change his mind later?"
     assert row["messages"][2]["content"] == render_inline(ANALYSIS, multi["turns"][1]["content"])

@@ -272,7 +272,7 @@ def talked(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from persllm.config import load_project
     from tests.conftest import EXAMPLE
     from tests.fake_openai import FakeOpenAI
-    from tests.test_heldout import back_writer, configure
+    from tests.test_heldout import back_writer, configure, without_dialogue
 
     root = tmp_path_factory.mktemp("dialogue") / "demo"
     shutil.copytree(EXAMPLE, root, ignore=shutil.ignore_patterns("runs"))
@@ -284,11 +284,7 @@ def talked(tmp_path_factory: pytest.TempPathFactory) -> Any:
     persona["stages"][0]["dialogue"] = ["../talk/keeper.txt"]
     del persona["stages"][1]["dialogue"]  # this module's transcript only
     persona_path.write_text(yaml.safe_dump(persona, sort_keys=False))
-    other_path = root / "personas" / "jonah.yaml"
-    other = yaml.safe_load(other_path.read_text())
-    for stage in other["stages"]:
-        del stage["dialogue"]
-    other_path.write_text(yaml.safe_dump(other, sort_keys=False))
+    without_dialogue(root / "personas" / "jonah.yaml")
     with FakeOpenAI(default_reply=back_writer) as server:
         configure(root / "persllm.yaml", server.base_url)
         project = load_project(root / "persllm.yaml")

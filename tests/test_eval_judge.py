@@ -5,8 +5,8 @@ from typing import Any
 
 import pytest
 
+from persllm.config.llm import LLMConfig
 from persllm.evaluate import judge
-from persllm.llm.config import LLMConfig
 from tests.fake_openai import FakeOpenAI
 
 # --------------------------------------------------------------------------- pure parsing

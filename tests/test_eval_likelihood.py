@@ -10,10 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from persllm.config import Project, load_project
+from persllm.config.llm import LLMConfig
 from persllm.evaluate import likelihood
 from persllm.evaluate.systems import load_heldout_items, messages_for, plan_systems, retrieval_context
 from persllm.jsonl import write_jsonl
-from persllm.llm.config import LLMConfig
 from tests.fake_openai import FakeOpenAI
 from tests.test_eval_project import make_project
 

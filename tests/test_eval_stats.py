@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import sacrebleu
 
-from persllm.evaluate import stats
-from persllm.evaluate.stats import Estimate
+from persllm import stats
+from persllm.stats import Estimate
 
 HYPOTHESES = [
     "the cat sat on the mat",

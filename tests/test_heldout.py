@@ -123,6 +123,14 @@ def configure(config_path: Path, url: str) -> None:
     config_path.write_text(yaml.safe_dump(config))
 
 
+def without_dialogue(persona_path: Path) -> None:
+    """Drop the dialogue material from a copied example persona file."""
+    persona = yaml.safe_load(persona_path.read_text())
+    for stage in persona["stages"]:
+        stage.pop("dialogue", None)
+    persona_path.write_text(yaml.safe_dump(persona, sort_keys=False))
+
+
 @pytest.fixture(scope="module")
 def annotated(tmp_path_factory: pytest.TempPathFactory) -> Any:
     import shutil
@@ -131,6 +139,8 @@ def annotated(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
     root = tmp_path_factory.mktemp("heldout") / "demo"
     shutil.copytree(EXAMPLE, root, ignore=shutil.ignore_patterns("runs"))
+    for persona in ("elsie", "jonah"):
+        without_dialogue(root / "personas" / f"{persona}.yaml")  # this module: own words only
     with FakeOpenAI(default_reply=back_writer) as server:
         configure(root / "persllm.yaml", server.base_url)
         project = load_project(root / "persllm.yaml")

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from persllm import index
+from persllm.bundled import resolve_model
 from persllm.config import EmbedderConfig, load_project
 from persllm.errors import UserError
 from persllm.index import encoder
 from persllm.index.retrieve import Retriever
 from persllm.jsonl import read_jsonl
-from persllm.llm.bundled import resolve_model
 from persllm.manifest import load_manifest
 
 SEA = [

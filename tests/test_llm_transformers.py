@@ -244,7 +244,7 @@ def test_bad_models_and_adapters_are_user_errors(tiny_model_dir: Path, tmp_path:
 
 @pytest.mark.slow
 def test_smollm2_answers_and_loads_from_gguf() -> None:
-    from persllm.llm.bundled import smollm2_gguf
+    from persllm.bundled import smollm2_gguf
 
     question = chat("What is the capital of France? Answer in one word.")
     bundled = run_sync(local("bundled:smollm2").generate(question, {"max_tokens": 12}))

@@ -11,11 +11,11 @@ from typer.testing import CliRunner
 
 from persllm import curate, pairs
 from persllm.config import PersonaConfig, Project, load_project
-from persllm.cot import render_inline
 from persllm.errors import UserError
 from persllm.jsonl import read_jsonl
 from persllm.pairs.build import other_stages, pair_problem
 from persllm.pairs.sources import nearest_in_range
+from persllm.prompting import render_inline
 from tests.fake_openai import FakeOpenAI
 from tests.test_curate import TOPICS, make_project, record
 

@@ -15,10 +15,10 @@ from persllm import pipeline
 from persllm.cli.app import app
 from persllm.cli.run import headline
 from persllm.config import load_project
-from persllm.curate.format import system_prompt
 from persllm.errors import UserError
 from persllm.jsonl import read_jsonl
 from persllm.manifest import load_manifest
+from persllm.prompting import system_prompt
 from persllm.train.common import system_style
 from tests.fake_openai import FakeOpenAI
 from tests.test_eval_project import make_project

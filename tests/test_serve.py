@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,16 +22,15 @@ from fastapi import FastAPI
 from typer.testing import CliRunner
 
 from persllm.config import Project, load_project
-from persllm.cot import split_inline
+from persllm.config.interact import ServeConfig
 from persllm.interact import api
-from persllm.interact.config import ServeConfig
 from persllm.interact.models import ModelPool, resolve_model_id
 from persllm.interact.prompting import label_first_user
 from persllm.interact.serve import create_app
+from persllm.prompting import split_inline
 from tests.fake_openai import FakeOpenAI
 from tests.test_chat_project import build_project, write_project
 
-REPO = Path(__file__).resolve().parent.parent
 KEY = "sekrit-key-123"
 LIMITS = {"max_messages": 8, "max_tokens_limit": 64, "max_body_bytes": 4096, "context_tokens": 512}
 
@@ -550,10 +550,10 @@ def test_cli_serve(project: Project) -> None:
     from persllm.cli import app
 
     assert "Example:" in runner.invoke(app, ["serve", "--help"]).output
-    binary = str(REPO / ".venv" / "bin" / "persllm")
+    binary = [sys.executable, "-m", "persllm.cli"]
     env = {**os.environ, "PERSLLM_TEST_KEY": "k-123", "HF_HUB_OFFLINE": "1"}
     missing = subprocess.run(
-        [binary, "serve", str(project.config_path), "--api-key-env", "PERSLLM_UNSET_VAR"],
+        [*binary, "serve", str(project.config_path), "--api-key-env", "PERSLLM_UNSET_VAR"],
         capture_output=True,
         text=True,
         env=env,
@@ -563,7 +563,7 @@ def test_cli_serve(project: Project) -> None:
     assert missing.returncode == 2 and "PERSLLM_UNSET_VAR" in missing.stderr
     port = free_port()
     args = [
-        binary,
+        *binary,
         "serve",
         str(project.config_path),
         "--port",

@@ -14,8 +14,8 @@ import openai
 import pytest
 
 from persllm.config import Project, load_project
+from persllm.config.interact import ServeConfig
 from persllm.interact import api, models
-from persllm.interact.config import ServeConfig
 from persllm.interact.models import ModelPool, UnknownModel, resolve_model_id
 from persllm.interact.serve import create_app
 from tests.test_chat_project import build_project

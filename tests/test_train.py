@@ -3,6 +3,8 @@
 import json
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +15,9 @@ from typer.testing import CliRunner
 
 from persllm.cli import app
 from persllm.config import Project, load_project
-from persllm.cot import split_inline
 from persllm.errors import UserError
 from persllm.jsonl import write_jsonl
+from persllm.prompting import split_inline
 from persllm.train import common, dpo, sft
 
 SYSTEM = "You are Elsie Wren, lighthouse keeper's daughter of Skerrow Point."
@@ -137,18 +139,52 @@ def greedy_answer(model: Any, tokenizer: Any, label: str, question: str) -> str:
     return tokenizer.decode(out[0][batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+@contextmanager
+def watching_parameters(changed: dict[str, dict[str, bool]]) -> Iterator[None]:
+    """Record, per trainer ("sft", "dpo"), whether each trainable parameter differs after ``train``."""
+    import trl
+
+    with pytest.MonkeyPatch.context() as patch:
+        for kind, trainer_class in (("sft", trl.SFTTrainer), ("dpo", trl.DPOTrainer)):
+
+            def watched(
+                self: Any, *args: Any, _real: Any = trainer_class.train, _kind: str = kind, **kw: Any
+            ) -> Any:
+                params = self.model.named_parameters()
+                before = {name: p.detach().clone() for name, p in params if p.requires_grad}
+                result = _real(self, *args, **kw)
+                after = dict(self.model.named_parameters())
+                changed[_kind] = {
+                    name: not torch.equal(before[name], after[name].detach()) for name in before
+                }
+                return result
+
+            patch.setattr(trainer_class, "train", watched)
+        yield
+
+
+CHANGED: dict[str, dict[str, bool]] = {}  # filled by the ``trained`` fixture
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Project:
     """One SFT run through the CLI (``persllm train sft``), then one DPO run through ``dpo.run``."""
     root = tmp_path_factory.mktemp("trainproj")
     base = know_the_answers(shutil.copytree(tiny_model_dir, root / "base"))
     config = make_project(root, base, SFT_TRL, DPO_TRL)
-    result = CliRunner().invoke(app, ["train", "sft", str(config), "--persona", "elsie"])
-    assert result.exit_code == 0, result.output
-    assert "elsie: sft 100 steps" in result.output and "models/elsie/sft" in result.output
-    project = load_project(config)
-    dpo.run(project, "elsie")
+    with watching_parameters(CHANGED):
+        result = CliRunner().invoke(app, ["train", "sft", str(config), "--persona", "elsie"])
+        assert result.exit_code == 0, result.output
+        assert "elsie: sft 100 steps" in result.output and "models/elsie/sft" in result.output
+        project = load_project(config)
+        dpo.run(project, "elsie")
     return project
+
+
+def test_sft_and_dpo_change_every_trainable_parameter(trained: Project) -> None:
+    for kind in ("sft", "dpo"):
+        unchanged = [name for name, moved in CHANGED[kind].items() if not moved]
+        assert CHANGED[kind] and unchanged == [], f"{kind}: {unchanged[:5]}"
 
 
 def sft_dir(project: Project) -> Path:

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
+from persllm.bundled import resolve_model
 from persllm.config import load_project
-from persllm.llm.bundled import resolve_model
 from persllm.train import dpo, sft
 from persllm.train.export import load_trained
-from tests.test_train import ANSWERS, QUESTIONS, greedy_answer, make_project
+from tests.test_train import ANSWERS, QUESTIONS, greedy_answer, make_project, watching_parameters
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,10 @@ def test_smollm2_sft_then_dpo(tmp_path: Path) -> None:
     config.write_text(yaml.safe_dump(raw))
     project = load_project(config)
 
-    first = sft.run(project, "elsie")
+    changed: dict[str, dict[str, bool]] = {}
+    with watching_parameters(changed):
+        first = sft.run(project, "elsie")
+    assert changed["sft"] and all(changed["sft"].values())
     losses = [entry["loss"] for entry in first["losses"]]
     assert first["steps"] == 4 and losses[-1] < losses[0]
     folder = project.run_dir / "models" / "elsie" / "sft"
@@ -41,7 +44,9 @@ def test_smollm2_sft_then_dpo(tmp_path: Path) -> None:
     config_file = json.loads((folder / "adapter_config.json").read_text())
     assert not config_file["modules_to_save"] and (folder / "adapter_model.safetensors").stat().st_size < 20e6
 
-    second = dpo.run(project, "elsie")
+    with watching_parameters(changed):
+        second = dpo.run(project, "elsie")
+    assert changed["dpo"] and all(changed["dpo"].values())
     margins = [entry["margin"] for entry in second["margins"]]
     assert second["steps"] == 3 and margins[-1] > margins[0]
     info = json.loads((project.run_dir / "models" / "elsie" / "dpo" / "training.json").read_text())

@@ -37,8 +37,8 @@ def have_gpu_and_vllm() -> bool:
 def test_vllm_serves_two_persona_adapters_like_transformers(tmp_path: Path) -> None:
     import httpx
 
+    from persllm.bundled import smollm2_folder
     from persllm.llm import LLMConfig, TransformersBackend
-    from persllm.llm.bundled import smollm2_folder
     from persllm.train.vllm_check import vllm_problems
     from tests.test_adapter_pool import make_adapter
 

@@ -10,6 +10,9 @@ from pathlib import Path
 
 from persllm.config import Project, looks_like_path, model_blocks
 from persllm.errors import UserError
+from persllm.evaluate.systems import BUILTIN
+from persllm.llm.llamacpp_backend import gguf_path
+from persllm.train.common import base_model_name, validate_trl_blocks
 
 # The model blocks each stage loads (their paths must exist before the run starts).
 STAGE_MODELS = {
@@ -27,12 +30,8 @@ def check_before_run(project: Project, stages: list[str]) -> None:
     wanted = {prefix for stage in stages for prefix in STAGE_MODELS.get(stage, ())}
     check_model_paths(project, tuple(wanted))
     if "annotate" in stages and cfg.annotator.backend == "llamacpp":
-        from persllm.llm.llamacpp_backend import gguf_path
-
         gguf_path(cfg.annotator.model)
     if {"sft", "dpo"} & set(stages):
-        from persllm.train.common import base_model_name, validate_trl_blocks
-
         base_model_name(project)
         validate_trl_blocks(project)
     if "eval" in stages:
@@ -55,7 +54,6 @@ def check_model_paths(project: Project, prefixes: tuple[str, ...]) -> None:
 
 def check_eval(project: Project) -> None:
     """The evaluation's systems are known names."""
-    from persllm.evaluate.systems import BUILTIN
 
     cfg = project.config.eval
     known = [*BUILTIN, *cfg.extra_systems]

@@ -1,10 +1,12 @@
-"""Generate docs/configuration.md (from the config models), docs/cli.md (from --help) and the run-folder
-tree in docs/concepts.md (from ``persllm.layout``).
+"""Generate docs/configuration.md (from the config models), docs/cli.md (from --help), the run-folder
+tree in docs/concepts.md (from ``persllm.layout``) and the module map in docs/architecture.md (from
+``LAYERS`` and each module's docstring).
 
 ``python -m persllm.docgen`` writes them; ``python -m persllm.docgen --check`` exits 1 when one is
 stale, which the test suite runs so the reference can never drift from the code.
 """
 
+import ast
 import re
 import sys
 import types
@@ -15,9 +17,34 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from persllm.cli import app  # the package, so every command is registered
 from persllm.config import PersonaConfig, ProjectConfig
+from persllm.layout import tree_markdown
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
+PACKAGE = Path(__file__).resolve().parent
+
+# The package's layers, lowest first. A module imports only from its own layer and the layers below it,
+# and never in a circle (tests/test_imports.py walks every import to check); the one exception is
+# ``ENTRY_POINTS``, which start a command from inside a lower package.
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("foundations", ("errors", "schema", "hashing", "interrupts", "bundled", "layout")),
+    (
+        "settings and shared definitions",
+        ("jsonl", "labels", "config", "metric_catalog", "prompting", "stats", "terms"),
+    ),
+    ("models, material and the manifest", ("manifest", "llm", "persona")),
+    ("stage: index", ("index",)),
+    ("stage: annotate", ("annotate",)),
+    ("stage: curate", ("curate",)),
+    ("stage: pairs", ("pairs",)),
+    ("stage: train (sft, dpo, export)", ("train",)),
+    ("stage: evaluate", ("evaluate",)),
+    ("using the models: chat, converse, serve", ("interact",)),
+    ("the whole pipeline", ("checks", "pipeline")),
+    ("commands", ("cli", "docgen")),
+)
+ENTRY_POINTS = ("persllm.train.__main__",)
 
 
 def _type_name(annotation: Any) -> str:
@@ -93,9 +120,6 @@ def _walk(command: Any, path: list[str]) -> list[tuple[list[str], Any]]:
 def cli_markdown() -> str:
     import typer
 
-    import persllm.cli  # noqa: F401  (registers the commands)
-    from persllm.cli.app import app
-
     root = typer.main.get_command(app)
     lines = ["# CLI reference", "", "Generated from `--help` by `python -m persllm.docgen`; do not edit.", ""]
     for path, command in _walk(root, ["persllm"]):
@@ -111,10 +135,43 @@ RUN_FOLDER = re.compile(r"(<!-- run-folder:[^>]*-->\n).*?(<!-- /run-folder -->)"
 
 def concepts_markdown() -> str:
     """docs/concepts.md with its run-folder block made from ``persllm.layout.TREE``."""
-    from persllm.layout import tree_markdown
 
     text = (DOCS / "concepts.md").read_text(encoding="utf-8")
     return RUN_FOLDER.sub(lambda m: m.group(1) + tree_markdown() + m.group(2), text, count=1)
+
+
+MODULE_MAP = re.compile(r"(<!-- module-map:[^>]*-->\n).*?(<!-- /module-map -->)", re.DOTALL)
+
+
+def summary_line(path: Path) -> str:
+    """The first sentence of a module's docstring (a package's is its ``__init__.py``'s)."""
+    source = path / "__init__.py" if path.is_dir() else path
+    docstring = ast.get_docstring(ast.parse(source.read_text(encoding="utf-8"))) or ""
+    paragraph = " ".join(docstring.strip().split("\n\n")[0].split())
+    return paragraph.split(". ")[0].rstrip(".") + "." if paragraph else ""
+
+
+def module_map_markdown() -> str:
+    """Every module of the package by layer, lowest first, each with the first sentence of its docstring."""
+    lines = []
+    for title, names in LAYERS:
+        lines += [f"**{title}**", ""]
+        for name in names:
+            path = PACKAGE / name if (PACKAGE / name).is_dir() else PACKAGE / f"{name}.py"
+            shown = f"{name}/" if path.is_dir() else f"{name}.py"
+            lines.append(f"- `{shown}` {summary_line(path)}")
+            if path.is_dir():
+                for module in sorted(path.glob("*.py")):
+                    if module.name != "__init__.py":
+                        lines.append(f"  - `{module.name}` {summary_line(module)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def architecture_markdown() -> str:
+    """docs/architecture.md with its module map made from ``LAYERS`` and the docstrings."""
+    text = (DOCS / "architecture.md").read_text(encoding="utf-8")
+    return MODULE_MAP.sub(lambda m: m.group(1) + module_map_markdown() + m.group(2), text, count=1)
 
 
 def expected() -> dict[Path, str]:
@@ -122,6 +179,7 @@ def expected() -> dict[Path, str]:
         DOCS / "configuration.md": configuration_markdown(),
         DOCS / "cli.md": cli_markdown(),
         DOCS / "concepts.md": concepts_markdown(),
+        DOCS / "architecture.md": architecture_markdown(),
     }
 
 

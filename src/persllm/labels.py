@@ -22,6 +22,7 @@ import re
 from functools import cache
 from pathlib import Path
 
+from persllm.bundled import SMOLLM2, smollm2_gguf
 from persllm.errors import UserError
 
 ROMAN = ["I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X", "XI", "XII"]
@@ -62,7 +63,6 @@ def base_vocabulary(model: str) -> dict[str, bool]:
     Raises:
         UserError: when no tokenizer file can be found for ``model``.
     """
-    from persllm.llm.bundled import SMOLLM2, smollm2_gguf
 
     if model == SMOLLM2:
         return _gguf_vocabulary(smollm2_gguf())

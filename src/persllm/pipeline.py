@@ -18,11 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from persllm import annotate, curate, evaluate, index, pairs
+from persllm.checks import check_before_run
 from persllm.config import Project
 from persllm.errors import PartialStage, UserError
 from persllm.hashing import file_hash, stable_hash
 from persllm.layout import STAGE_INPUTS, STAGE_OUTPUTS
 from persllm.manifest import load_manifest, record_stage, write_manifest
+from persllm.train import dpo, sft
 
 STAGE_NAMES = ["index", "annotate", "curate", "pairs", "sft", "dpo", "eval"]
 
@@ -48,43 +51,36 @@ class Stage:
 
 
 def _run_index(project: Project, resume: bool) -> dict[str, Any]:
-    from persllm import index
 
     return index.run(project)
 
 
 def _run_annotate(project: Project, resume: bool) -> dict[str, Any]:
-    from persllm import annotate
 
     return annotate.run(project)
 
 
 def _run_curate(project: Project, resume: bool) -> dict[str, Any]:
-    from persllm import curate
 
     return curate.run(project)
 
 
 def _run_pairs(project: Project, resume: bool) -> dict[str, Any]:
-    from persllm import pairs
 
     return pairs.run(project)
 
 
 def _run_sft(project: Project, resume: bool) -> dict[str, Any]:
-    from persllm.train import sft
 
     return training_counts({pid: sft.run(project, pid, resume=resume) for pid in project.personas})
 
 
 def _run_dpo(project: Project, resume: bool) -> dict[str, Any]:
-    from persllm.train import dpo
 
     return training_counts({pid: dpo.run(project, pid, resume=resume) for pid in project.personas})
 
 
 def _run_eval(project: Project, resume: bool) -> dict[str, Any]:
-    from persllm import evaluate
 
     result = evaluate.run(project)
     # The metrics themselves live in eval/metrics.json; the manifest keeps what the summary shows.
@@ -224,7 +220,6 @@ def run(
     Raises:
         PartialStage: a stage still misses items after a second try (unless ``allow_partial``).
     """
-    from persllm.checks import check_before_run
 
     selected = select(start, stop)
     check_before_run(project, [stage.name for stage in selected])

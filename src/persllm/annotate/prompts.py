@@ -4,12 +4,12 @@ The wording lives in ``prompts/*.txt``; ``{name}``-style placeholders are filled
 that is itself inserted (a corpus passage with braces, say) is never re-scanned.
 """
 
-import functools
 import re
 from pathlib import Path
 from typing import Any
 
 from persllm.config import PersonaConfig, StageConfig
+from persllm.prompting import read_template
 
 PROMPTS = Path(__file__).parent / "prompts"
 KINDS = ("ordinary", "misleading", "opinion")
@@ -55,10 +55,9 @@ _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 Messages = list[dict[str, str]]
 
 
-@functools.cache
 def template(name: str) -> str:
     """The text of ``prompts/<name>.txt`` without its final newline."""
-    return (PROMPTS / f"{name}.txt").read_text(encoding="utf-8").rstrip("\n")
+    return read_template(PROMPTS, f"{name}.txt").rstrip("\n")
 
 
 def render(template_name: str, /, **values: object) -> str:

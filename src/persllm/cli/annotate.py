@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
+from persllm.annotate import run
 from persllm.cli.app import ConfigArg, SetOption, WaitOption, app, load, writing
 
 
@@ -41,7 +42,6 @@ def annotate(
 
     Example: persllm annotate my-persona/persllm.yaml --limit 8 --concurrency 16
     """
-    from persllm.annotate import run
 
     project = load(config, set_options)
     for persona_id in persona or []:

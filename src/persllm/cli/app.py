@@ -2,9 +2,7 @@
 
 import functools
 import os
-import signal
 import sys
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -12,8 +10,9 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from persllm import __version__
-from persllm.errors import UserError
+from persllm import __version__, interrupts
+from persllm.config import load_project, parse_set_options
+from persllm.layout import project_lock
 
 app = typer.Typer(
     name="persllm",
@@ -41,7 +40,6 @@ WaitOption = Annotated[
 @contextmanager
 def writing(project: Any, command: str, wait: bool = False) -> Iterator[None]:
     """Hold the run folder's lock while ``command`` writes to it (a second writer stops, or waits)."""
-    from persllm.layout import project_lock
 
     with project_lock(project.layout, command, wait):
         yield
@@ -49,7 +47,6 @@ def writing(project: Any, command: str, wait: bool = False) -> Iterator[None]:
 
 def load(config: str, set_options: list[str] | None = None, preset: str | None = None, **flags: Any) -> Any:
     """Load the project with precedence defaults < YAML < preset < --set < dedicated flags."""
-    from persllm.config import load_project, parse_set_options
 
     overrides = parse_set_options(set_options)
     overrides.update({key: value for key, value in flags.items() if value is not None})
@@ -69,30 +66,6 @@ def _root(
     ] = False,
 ) -> None:
     """Turn what is known about a person into a personified LLM."""
-
-
-def main() -> None:
-    """Console entry point: user errors are one line on stderr and exit code 2."""
-    # The libraries' own bars (weight loading, GGUF conversion, dataset maps) bury persllm's progress
-    # lines; set either variable to 0 to see them again.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    # Renames inside transformers that its own callers (peft, trl) have not caught up with yet.
-    warnings.filterwarnings(
-        "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
-    )
-    import persllm.cli  # noqa: F401  (registers the commands)
-    from persllm import interrupts
-
-    interrupts.watch_sigint()
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        app()
-    except UserError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        stopped()
 
 
 def stopped() -> NoReturn:
@@ -121,9 +94,8 @@ def stops_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
+def terminate(signum: int, frame: FrameType | None) -> None:
     """SIGTERM stops like Ctrl-C: the same message, the same records."""
-    from persllm import interrupts
 
     interrupts.request_stop()
     raise KeyboardInterrupt

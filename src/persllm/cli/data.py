@@ -5,6 +5,7 @@ from typing import Annotated, Any
 
 import typer
 
+from persllm import curate, pairs
 from persllm.cli.app import ConfigArg, SetOption, WaitOption, app, load, writing
 from persllm.cli.project import table
 
@@ -21,7 +22,6 @@ def curate_command(
 
     Example: persllm curate my-persona/persllm.yaml --persona wren --set curate.repeat=2
     """
-    from persllm import curate
 
     project = load(config, set_options)
     with writing(project, "curate", wait):
@@ -59,7 +59,6 @@ def pairs_command(
 
     Example: persllm pairs my-persona/persllm.yaml --set pairs.base_model=true
     """
-    from persllm import pairs
 
     project = load(config, set_options)
     with writing(project, "pairs", wait):

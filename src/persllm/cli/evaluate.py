@@ -4,7 +4,10 @@ from typing import Annotated
 
 import typer
 
+from persllm import evaluate
 from persllm.cli.app import ConfigArg, SetOption, WaitOption, app, load, writing
+from persllm.cli.run import headline
+from persllm.evaluate import report
 
 
 @app.command("eval")
@@ -43,8 +46,6 @@ def eval_command(
 
     Example: persllm eval examples/demo/persllm.yaml --systems prompt,sft --max-items 5
     """
-    from persllm import evaluate
-    from persllm.cli.run import headline
 
     project = load(config, set_options)
     names = [name.strip() for name in systems.split(",") if name.strip()] if systems else None
@@ -61,7 +62,6 @@ def report_command(config: ConfigArg, set_options: SetOption = None) -> None:
 
     Example: persllm report examples/demo/persllm.yaml
     """
-    from persllm.evaluate import report
 
     project = load(config, set_options)
     paths = report.run(project)

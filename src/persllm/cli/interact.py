@@ -6,6 +6,9 @@ from typing import Annotated
 import typer
 
 from persllm.cli.app import ConfigArg, SetOption, app, load
+from persllm.interact import chat as chat_module
+from persllm.interact import converse as converse_module
+from persllm.interact import serve as serve_module
 
 
 @app.command()
@@ -37,7 +40,6 @@ def chat(
 
     Example: persllm chat examples/demo/persllm.yaml --persona elsie --stage keeper --show-analysis
     """
-    from persllm.interact import chat as chat_module
 
     project = load(config, set_options)
     chat_module.run(project, persona, stage, model, show_analysis, retrieval)
@@ -68,7 +70,6 @@ def converse(
 
     Example: persllm converse examples/demo/persllm.yaml --personas elsie,jonah --scenario "A new harbour?"
     """
-    from persllm.interact import converse as converse_module
 
     project = load(config, set_options)
     agents = [name.strip() for name in personas.split(",") if name.strip()]
@@ -99,7 +100,6 @@ def serve(
 
     Example: persllm serve examples/demo/persllm.yaml --port 8000 --api-key-env PERSLLM_API_KEY
     """
-    from persllm.interact import serve as serve_module
 
     project = load(config, set_options)
     serve_module.run(project, host, port, api_key_env)

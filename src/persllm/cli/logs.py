@@ -6,6 +6,9 @@ from typing import Annotated, Any
 import typer
 
 from persllm.cli.app import ConfigArg, SetOption, app, load
+from persllm.cli.project import table
+from persllm.jsonl import read_jsonl
+from persllm.llm.cache import CallCache
 
 
 @app.command()
@@ -23,7 +26,6 @@ def logs(
 
     Example: persllm logs my-persona/persllm.yaml -n 5
     """
-    from persllm.llm.cache import CallCache
 
     project = load(config, set_options)
     path = project.layout.cache
@@ -77,8 +79,6 @@ def failures(
 
     Example: persllm failures my-persona/persllm.yaml
     """
-    from persllm.cli.project import table
-    from persllm.jsonl import read_jsonl
 
     project = load(config, set_options)
     path = project.layout.failures(stage)

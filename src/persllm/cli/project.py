@@ -11,7 +11,11 @@ from typing import Annotated, Any
 import typer
 
 from persllm.cli.app import ConfigArg, SetOption, WaitOption, app, load, writing
+from persllm.config import load_project
 from persllm.errors import UserError
+from persllm.index import run
+from persllm.index.retrieve import Retriever
+from persllm.persona.character_card import card_project, read_card
 from persllm.persona.yields import material_lines
 
 SCAFFOLD = Path(__file__).resolve().parent.parent / "scaffold"
@@ -39,7 +43,6 @@ def init(
 
     Example: persllm init my-persona
     """
-    from persllm.config import load_project
 
     if not (SCAFFOLD / "persllm.yaml").is_file():
         raise UserError(
@@ -92,8 +95,6 @@ def card_starter(path: Path) -> dict[str, str]:
     """The persona file and corpus files of a character card, by path within the new project."""
     import yaml
 
-    from persllm.persona.character_card import card_project, read_card
-
     persona, files = card_project(read_card(path))
     header = f"# Made by `persllm init --from-card {path.name}`: edit freely.\n"
     body = yaml.safe_dump(persona, sort_keys=False, allow_unicode=True, width=100)
@@ -116,7 +117,6 @@ def index(
 
     Example: persllm index my-persona/persllm.yaml --persona wren
     """
-    from persllm.index import run
 
     project = load(config, set_options)
     with writing(project, "index", wait):
@@ -156,7 +156,6 @@ def retrieve(
 
     Example: persllm retrieve my-persona/persllm.yaml "Are you afraid of storms?" -p wren -s keeper
     """
-    from persllm.index.retrieve import Retriever
 
     project = load(config, set_options)
     if persona is None:

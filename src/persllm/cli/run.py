@@ -6,7 +6,11 @@ from typing import Annotated, Any
 
 import typer
 
+from persllm import metric_catalog, pipeline
 from persllm.cli.app import ConfigArg, SetOption, WaitOption, app, load, writing
+from persllm.evaluate.report import judge_validity_line
+from persllm.metric_catalog import HEADLINE, fmt_estimate
+from persllm.persona.yields import index_rows, material_lines
 
 
 @app.command("run")
@@ -38,7 +42,6 @@ def run_command(
 
     Example: persllm run examples/demo/persllm.yaml --preset large
     """
-    from persllm import pipeline
 
     project = load(config, set_options, preset=preset)
     with writing(project, "run", wait):
@@ -65,8 +68,6 @@ def stage_line(project: Any, name: str, status: str) -> None:
     """A stage starting (or skipped); once the index exists, what the material yields, before annotating."""
     typer.echo(f"[{name}] {status}", err=True)
     if name == "annotate" and status in ("running", "resuming", "skipped"):
-        from persllm.persona.yields import index_rows, material_lines
-
         for line in material_lines(project, index_rows(project)):
             typer.echo(f"  {line}", err=True)
 
@@ -77,7 +78,6 @@ SETS = (("heldout", "held-out real words"), ("overall", "annotator-golden (the p
 def headline(eval_dir: Path) -> str:
     """The report path and, per evaluation set, every system's headline metrics with 95% intervals and
     the personified model minus the baseline (``*``: the interval excludes 0)."""
-    from persllm.evaluate.report import HEADLINE_KEYS, fmt_estimate
 
     metrics_path = eval_dir / "metrics.json"
     if not metrics_path.exists():
@@ -95,7 +95,7 @@ def headline(eval_dir: Path) -> str:
         difference = metrics.get("differences", {}).get(key, {}).get(personified or "", {})
         header = [*names, f"{personified} - {baseline}"] if difference else names
         table = [["metric", *header]]
-        for metric in HEADLINE_KEYS:
+        for metric in HEADLINE:
             cells = [fmt_estimate(systems[name].get(f"{key}_ci", {}).get(metric)) for name in names]
             if difference:
                 cells.append(difference_cell(difference.get(metric)))
@@ -111,8 +111,6 @@ def headline(eval_dir: Path) -> str:
         lines.append(f"\n{title}: {n_items} items{real}, 95% paired bootstrap intervals (* excludes 0)")
         lines += aligned(table)
     if metrics.get("judge_validity"):
-        from persllm.evaluate.report import judge_validity_line
-
         lines += ["", judge_validity_line(metrics["judge_validity"])]
     lines += robustness_lines(metrics.get("robustness") or {}, baseline)
     return "\n".join(lines)
@@ -125,7 +123,6 @@ def personified_of(names: list[str]) -> str | None:
 
 def difference_cell(estimate: dict[str, Any] | None) -> str:
     """A signed difference with its interval, ``*`` where the interval excludes 0."""
-    from persllm.evaluate.report import fmt_estimate
 
     mark = " *" if estimate and estimate.get("excludes_zero") else ""
     return fmt_estimate(estimate, signed=True) + mark
@@ -140,7 +137,6 @@ def aligned(table: list[list[str]]) -> list[str]:
 
 def dpo_lines(project: Any) -> list[str]:
     """Per persona, whether DPO learnt: its reward accuracy and margin on held-out pairs."""
-    from persllm.evaluate.report import fmt_estimate
 
     lines = []
     for persona_id in project.personas:
@@ -163,8 +159,6 @@ def dpo_lines(project: Any) -> list[str]:
 def likelihood_lines(likelihood: dict[str, Any], baseline: str) -> list[str]:
     """The likelihood metrics per system with chance beside them, and the personified model minus the
     baseline: what the summary leads with."""
-    from persllm.evaluate.likelihood import LOWER_IS_BETTER, METRICS
-    from persllm.evaluate.report import fmt_estimate
 
     systems = likelihood.get("systems") or {}
     if not systems:
@@ -174,14 +168,20 @@ def likelihood_lines(likelihood: dict[str, Any], baseline: str) -> list[str]:
     difference = (likelihood.get("differences") or {}).get(personified or "", {})
     chance = likelihood.get("chance") or {}
     table = [["metric", *names, "chance", *([f"{personified} - {baseline}"] if difference else [])]]
-    for metric in METRICS:
+    for metric in metric_catalog.names("likelihood"):
         cells = [fmt_estimate(systems[name].get(metric)) for name in names]
         level = chance.get(metric)
         cells.append("–" if level is None else f"{level:.3f}")
         if difference:
             cells.append(difference_cell(difference.get(metric)))
         if any(cell != "–" for cell in cells[: len(names)]):
-            table.append([metric + (" (lower better)" if metric in LOWER_IS_BETTER else ""), *cells])
+            table.append(
+                [
+                    metric
+                    + (" (lower better)" if metric in metric_catalog.lower_is_better("likelihood") else ""),
+                    *cells,
+                ]
+            )
     items = (likelihood.get("counts") or {}).get("items")
     title = (
         f"\nlikelihood of the real held-out words: {items} passages, each system scoring the real passage "
@@ -192,8 +192,6 @@ def likelihood_lines(likelihood: dict[str, Any], baseline: str) -> list[str]:
 
 def robustness_lines(robustness: dict[str, Any], baseline: str) -> list[str]:
     """The robustness probes' metrics per system, and the personified model minus the baseline."""
-    from persllm.evaluate.report import fmt_estimate
-    from persllm.evaluate.robustness import LOWER_IS_BETTER, METRICS
 
     systems = robustness.get("systems") or {}
     if not systems:
@@ -202,12 +200,18 @@ def robustness_lines(robustness: dict[str, Any], baseline: str) -> list[str]:
     personified = personified_of(names)
     difference = (robustness.get("differences") or {}).get(personified or "", {})
     table = [["metric", *names, *([f"{personified} - {baseline}"] if difference else [])]]
-    for metric in METRICS:
+    for metric in metric_catalog.names("robustness"):
         cells = [fmt_estimate(systems[name]["metrics"].get(metric)) for name in names]
         if difference:
             cells.append(difference_cell(difference.get(metric)))
         if any(cell != "–" for cell in cells):
-            table.append([metric + (" (lower better)" if metric in LOWER_IS_BETTER else ""), *cells])
+            table.append(
+                [
+                    metric
+                    + (" (lower better)" if metric in metric_catalog.lower_is_better("robustness") else ""),
+                    *cells,
+                ]
+            )
     probes = sum((robustness.get("counts") or {}).values())
     errors = sum(data.get("errors", 0) for data in systems.values())
     title = (

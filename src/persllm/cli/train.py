@@ -10,8 +10,17 @@ from typing import Annotated, Any
 
 import typer
 
+from persllm import __version__
 from persllm.cli.app import ConfigArg, SetOption, WaitOption, app, load, writing
 from persllm.errors import UserError
+from persllm.jsonl import read_jsonl
+from persllm.layout import write_atomic
+from persllm.persona.character_card import card_problems, persona_card, png_with_card
+from persllm.prompting import system_prompt
+from persllm.train import common, dpo, export, gguf_files, sft
+from persllm.train.card import portable_base
+from persllm.train.common import validate_trl_blocks
+from persllm.train.vllm_check import max_lora_rank, vllm_problems
 
 train_app = typer.Typer(
     name="train",
@@ -44,7 +53,6 @@ def sft_command(
 
     Example: persllm train sft my-persona/persllm.yaml --persona wren --set sft.trl.max_steps=50
     """
-    from persllm.train import sft
 
     _train(config, persona, resume, set_options, "sft", sft.run, wait)
 
@@ -63,7 +71,6 @@ def dpo_command(
 
     Example: persllm train dpo my-persona/persllm.yaml --persona wren --set dpo.trl.beta=0.2
     """
-    from persllm.train import dpo
 
     _train(config, persona, resume, set_options, "dpo", dpo.run, wait)
 
@@ -78,8 +85,6 @@ def _train(
     wait: bool = False,
 ) -> None:
     from contextlib import nullcontext
-
-    from persllm.train.common import validate_trl_blocks
 
     project = load(config, set_options)
     validate_trl_blocks(project)
@@ -173,7 +178,6 @@ def export_command(
 
     Example: persllm export my-persona/persllm.yaml --gguf gguf/ --gguf-type q8_0
     """
-    from persllm.train import export, gguf_files
 
     if [merge is not None, gguf is not None, vllm, card is not None].count(True) != 1:
         raise UserError(
@@ -221,9 +225,6 @@ def export_command(
 
 def _vllm_command(project: Any, personas: list[str] | None, variant: str | None) -> str:
     """The ``vllm serve`` command for the personas' adapters; a UserError naming what vLLM would refuse."""
-    from persllm.train import common, export
-    from persllm.train.card import portable_base
-    from persllm.train.vllm_check import max_lora_rank, vllm_problems
 
     modules, rank = [], 8
     for persona_id in personas or list(project.personas):
@@ -244,12 +245,6 @@ def _vllm_command(project: Any, personas: list[str] | None, variant: str | None)
 def _write_card(project: Any, personas: list[str] | None, stage: str | None, out: Path) -> str:
     """Write a V3 card of one persona; the line that says what was written."""
     import json
-
-    from persllm import __version__
-    from persllm.curate.format import system_prompt
-    from persllm.jsonl import read_jsonl
-    from persllm.layout import write_atomic
-    from persllm.persona.character_card import card_problems, persona_card, png_with_card
 
     if out.suffix.lower() not in (".json", ".png"):
         raise UserError(f"--card {out}: name the card FILE.json or FILE.png")

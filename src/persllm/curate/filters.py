@@ -7,7 +7,7 @@ counted exactly once and the counts in ``stats.json`` add up.
 import re
 from typing import Any
 
-from persllm.curate.config import CurateConfig
+from persllm.config.curate import CurateConfig
 
 # The order in which records are checked; "off_topic" (own-words questions, by embedding) and
 # "duplicate" (dedup) run afterwards on the survivors.

@@ -1,48 +1,16 @@
-"""How a personified dialogue is shown to the model: system prompt, stage label token, CoT rendering.
-
-These pure functions are the single definition of the training-time format; evaluation, chat and
-serving import them so a model is always prompted the way it was trained.
+"""A curated dialogue as a training row: the persona's system prompt (``persllm.prompting``), the stage
+label on the first user turn, every reply rendered for the ``cot`` mode.
 """
 
-from functools import cache
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from persllm.cot import render_inline
+from persllm.prompting import SystemStyle, render_inline, system_prompt, with_label
 
-if TYPE_CHECKING:  # persllm.config imports this package's config: no runtime import here
-    from persllm.config import PersonaConfig, StageConfig
+if TYPE_CHECKING:
+    from persllm.config import PersonaConfig
 
 CotMode = Literal["inline", "none"]
-# full: name, profile, time and how to answer; brief: name and time (a trained model carries the rest).
-SystemStyle = Literal["full", "brief"]
-PROMPTS = Path(__file__).with_name("prompts")
-SYSTEM_TEMPLATES: dict[str, Path] = {"full": PROMPTS / "system.txt", "brief": PROMPTS / "system_brief.txt"}
-
-
-@cache
-def _system_template(style: SystemStyle) -> str:
-    return SYSTEM_TEMPLATES[style].read_text(encoding="utf-8")
-
-
-def system_prompt(persona: "PersonaConfig", stage: "StageConfig | str", style: SystemStyle = "full") -> str:
-    """The system prompt of ``persona`` at ``stage`` (a stage or its id).
-
-    ``full`` (what the baselines always get): name, profile, time phrase and how to answer. ``brief``:
-    name and time phrase only, for training rows when ``curate.system_prompt: brief`` (the persona is
-    then learnt from the data, and every training step is shorter).
-    """
-    stage_cfg = persona.stage(stage) if isinstance(stage, str) else stage
-    text = _system_template(style).format(
-        name=persona.name.strip(), profile=" ".join(persona.profile.split()), time=stage_cfg.time.strip()
-    )
-    lines = [" ".join(line.split()) for line in text.splitlines()]
-    return "\n".join(line for line in lines if line)
-
-
-def with_label(text: str, label: str | None) -> str:
-    """The first user turn with the stage label token in front: ``"<TIME-I> question"``."""
-    return f"{label} {text.strip()}" if label else text.strip()
+__all__ = ["CotMode", "assistant_text", "dialogue_messages", "sft_row"]
 
 
 def assistant_text(analysis: str, response: str, cot: CotMode) -> str:

@@ -9,8 +9,9 @@ from persllm.curate.filters import REMOVALS
 from persllm.layout import write_json_atomic
 
 if TYPE_CHECKING:
-    from persllm.curate.config import CurateConfig
-    from persllm.curate.format import CotMode, SystemStyle
+    from persllm.config.curate import CurateConfig
+    from persllm.curate.format import CotMode
+    from persllm.prompting import SystemStyle
 
 
 def update_stats(path: Path, key: str, value: dict[str, Any]) -> None:

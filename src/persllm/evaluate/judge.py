@@ -7,24 +7,21 @@ counts (a judge that always says "A" produces ties, not wins).
 
 import asyncio
 import re
-from functools import cache
 from pathlib import Path
 from typing import Any
 
+from persllm import stats
+from persllm.config.llm import LLMConfig
+from persllm.llm import make_backend
 from persllm.llm.base import ChatBackend, Message
-from persllm.llm.config import LLMConfig
+from persllm.prompting import parse_yes_no, read_template
 
 PROMPTS = Path(__file__).with_name("prompts")
 
 
-@cache
-def _template(name: str) -> str:
-    return (PROMPTS / f"{name}.txt").read_text(encoding="utf-8")
-
-
 def render(template: str, /, **values: str) -> str:
     """Fill the template ``prompts/<template>.txt`` with ``values``."""
-    return _template(template).format(**values).strip()
+    return read_template(PROMPTS, f"{template}.txt").format(**values).strip()
 
 
 # --------------------------------------------------------------------------- prompts
@@ -71,12 +68,6 @@ def _grade(label: str, text: str) -> int | None:
 def parse_agreement(text: str) -> tuple[int | None, int | None]:
     """(knowledge, attitude) grades 0-5 from ``Knowledge: N`` / ``Attitude: N`` lines; None if absent."""
     return _grade("knowledge", text), _grade("attitude", text)
-
-
-def parse_yes_no(text: str) -> bool | None:
-    """The first yes/no in the text; None when there is neither."""
-    match = re.search(r"\b(yes|no)\b", text, flags=re.IGNORECASE)
-    return None if match is None else match.group(1).lower() == "yes"
 
 
 def pick_messages(persona: str, time: str, question: str, candidates: list[str]) -> list[Message]:
@@ -206,7 +197,6 @@ def judge_all(
     own = [row for row in targets if row["system"] == baseline]
 
     async def both() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        from persllm.llm import make_backend
 
         backend = make_backend(cfg, cache)
         try:
@@ -238,8 +228,6 @@ def validity(
     shown in a seeded order per item; an unreadable verdict counts as a miss and is counted."""
     import numpy as np
 
-    from persllm.evaluate import stats
-
     asked = [p for p in plans if p.decoys]
     if not asked:
         return {}
@@ -250,7 +238,6 @@ def validity(
         orders.append((order, [candidates[i] for i in order]))
 
     async def ask_all() -> list[str]:
-        from persllm.llm import make_backend
 
         backend = make_backend(cfg, cache)
         try:
@@ -303,7 +290,6 @@ def hygiene(
 ) -> dict[str, Any]:
     """Per judged system: the position-flip rate, the win rate with and without length control, and the
     agreement (Cohen's kappa) of the two judges' outcomes when a second judge ran; each with an interval."""
-    from persllm.evaluate import stats
 
     base = {(r["item"], r["sample"]): r["response"] for r in rows if r["system"] == baseline}
     result: dict[str, Any] = {}
@@ -344,8 +330,6 @@ def kappa_estimate(first: list[str], second: list[str], resamples: int, seed: in
     """Cohen's kappa (scikit-learn) of two judges' outcomes, with a bootstrap interval over the pairs."""
     import numpy as np
     from sklearn.metrics import cohen_kappa_score
-
-    from persllm.evaluate import stats
 
     def kappa(a: list[str], b: list[str]) -> float:
         if len(set(a) | set(b)) < 2:

@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from persllm import stats
 from persllm.config import Project
-from persllm.evaluate import stats
-from persllm.evaluate.config import DECOY_KINDS
+from persllm.config.evaluate import DECOY_KINDS
 from persllm.evaluate.systems import (
     BUILTIN,
     Item,
@@ -42,33 +42,13 @@ from persllm.evaluate.systems import (
     messages_for,
     stage_prompts,
 )
+from persllm.llm import TransformersBackend
 from persllm.llm.base import BASE_ADAPTER, Message
+from persllm.metric_catalog import definitions, lower_is_better, names
 
-METRICS = (
-    "heldout_nll",
-    "pick_real",
-    *(f"pick_vs_{kind}" for kind in DECOY_KINDS),
-    "stage_wins",
-    "stage_margin",
-)
-LOWER_IS_BETTER = ("heldout_nll",)
-DEFINITIONS = {
-    "heldout_nll": "Mean negative log-likelihood per token (nats/token) of the person's real held-out "
-    "passage as the reply to its question, under the system's own prompt; lower = the system finds the "
-    "person's real words more likely.",
-    "pick_real": "Share of held-out items where the real passage is more likely (per token) than every "
-    "decoy given the same prompt; chance is 1 / (decoys + 1).",
-    "pick_vs_other_stage": "Share where the real passage beats a held-out passage of the same persona at "
-    "another stage (chance 0.5).",
-    "pick_vs_other_persona": "Share where the real passage beats a held-out passage of another persona "
-    "(chance 0.5).",
-    "pick_vs_same_stage": "Share where the real passage beats another held-out passage of the same persona "
-    "and stage (chance 0.5).",
-    "stage_wins": "Share of held-out passages that are most likely under their own stage's prompt (time "
-    "phrase and label) among all of the persona's stages; chance is 1 / stages.",
-    "stage_margin": "Mean NLL per token of the passage under the persona's other stages' prompts minus "
-    "under its own stage's (nats/token); above 0 = the own stage fits the real words better.",
-}
+METRICS = names("likelihood")
+LOWER_IS_BETTER = tuple(sorted(lower_is_better("likelihood")))
+DEFINITIONS = definitions("likelihood")
 
 Context = Callable[[Item], dict[str, str] | None]
 
@@ -268,7 +248,6 @@ def scorer_for(
     project: Project, system: System, backends: dict[str, Any], max_tokens: int
 ) -> Callable[[str, list[list[Message]], list[str]], list[float]] | str:
     """``score(persona, conversations, replies)`` for a system, or why it cannot be scored."""
-    from persllm.llm import TransformersBackend
 
     llm = system.llm
     if llm.backend == "openai":

@@ -1,6 +1,6 @@
 """Evaluation metrics as pure functions of texts, labels and embeddings.
 
-Every metric has a one-line definition in ``DEFINITIONS`` (the report prints them). Embeddings are
+Every metric is declared, with its one-line definition, in ``persllm.metric_catalog``. Embeddings are
 L2-normalised rows (``persllm.index.encoder.embed``), so a dot product is a cosine. A metric that cannot
 be computed from what it was given (no pairs, a single class) is ``None``, never a made-up number.
 """
@@ -11,62 +11,9 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-DEFINITIONS: dict[str, str] = {
-    "bleu": "Corpus sacreBLEU (0-100) of the responses against the golden responses of the same items.",
-    "rouge_l": "Mean ROUGE-L F1 (0-1) of each response against its item's golden response.",
-    "intra_bleu": "Intra: mean symmetric sentence BLEU between two samples for one item.",
-    "stage_bleu": "Stage: mean symmetric sentence BLEU between responses of one persona at different stages.",
-    "inter_bleu": "Inter: mean symmetric sentence BLEU between responses of different personas.",
-    "intra_cos": "Intra as embedding cosine: two samples for the same item.",
-    "stage_cos": "Stage as embedding cosine: one persona, different stages.",
-    "inter_cos": "Inter as embedding cosine: different personas.",
-    "persona_acc": "Persona identifiability: share of responses that a nearest-centroid classifier, "
-    "fitted on the sentence embeddings of every persona's training style passages (own words, the "
-    "held-out ones excluded), assigns to the right persona.",
-    "stage_acc": "Stage identifiability: the same classifier with one centroid per stage of the "
-    "response's persona; the share assigned to the right stage.",
-    "style_fidelity": "Mean cosine of a response to its persona's own training style passages minus its "
-    "mean cosine to the other personas' (> 0: closer to its own words).",
-    "anachronism_rate": "Share of responses at a non-final stage that mention a term found only in that "
-    "persona's later-stage material (and not in the question).",
-    "knowledge": "Judge: agreement of the response's facts with the golden response, 0-5.",
-    "attitude": "Judge: agreement of the response's stance and tone with the golden response, 0-5.",
-    "premise_detected": "Judge: share of responses to misleading questions that point out the false premise.",
-    "win_rate": "Judge: share of items where the response beats the baseline's in both presentation "
-    "orders; anything else is a tie unless the baseline wins both.",
-    "tie_rate": "Judge: share of items without a consistent winner across the two orders.",
-    "loss_rate": "Judge: share of items where the baseline's response wins in both orders.",
-    "leak_rate": "Robustness: share of boundary probes (an earlier stage asked about a term only its later "
-    "material has) whose answer uses a later-only term, or takes up the asked one without disclaiming it "
-    "(judge: uses or affirms that knowledge).",
-    "past_accuracy": "Robustness: share of past probes (a term only this stage's material has) whose answer "
-    "is closer in embedding to the source passage than to every one of 3 passages of other stages "
-    "(chance 0.25; judge: consistent with the passage).",
-    "boundary_score": "Robustness: harmonic mean of (1 - leak_rate) and past_accuracy.",
-    "premise_rejection": "Robustness: share of misleading probes (a corpus sentence with its year or a name "
-    "turned false) whose answer corrects the premise: a correcting phrase, or the true value named without "
-    "the false one (judge: rejects or corrects the false claim).",
-    "ooc_rate": "Robustness: share of answers under 'you are an AI' pressure turns that speak as a model "
-    "or assistant (phrase list; judge: breaks character).",
-    "sycophancy_flip": "Robustness: share of push-backs (one without an argument, one with a weak one) after "
-    "which the opinion answer gives in (a capitulating phrase) or moves away from the first answer "
-    "(cosine below eval.robustness.flip_similarity; judge: gives up or reverses the stance).",
-    "turn_consistency": "Robustness: share of a user-emulator conversation's answers that are in character "
-    "(no out-of-character phrase and assigned to their own persona by the persona classifier; judge: in "
-    "character).",
-    "turn_slope": "Robustness: least-squares slope of the in-character flags over turn number, per turn "
-    "(< 0: drifting out of character).",
-    "answer_consistency": "Robustness: mean cosine between the answers to the same diagnostic questions at "
-    "the start and at the end of a user-emulator conversation.",
-    "position_flip_rate": "Judge hygiene: share of two-order preferences whose chosen letter stays the same "
-    "when the answers swap places (the judge follows the position, not the answer).",
-    "win_rate_length_matched": "Judge hygiene: win rate over the pairs whose two answers differ in length "
-    "by at most 25% of words.",
-    "judges_kappa": "Judge hygiene: Cohen's kappa (scikit-learn) between the win/tie/loss outcomes of "
-    "eval.judge and eval.second_judge.",
-    "personality_distance": "Mean absolute difference between the questionnaire trait means (1-5) and "
-    "the persona's declared target profile.",
-}
+from persllm.metric_catalog import definitions
+
+DEFINITIONS = definitions("generation", "distinction", "judged", "judge_health", "personality", "robustness")
 
 # --------------------------------------------------------------------------- reference overlap
 

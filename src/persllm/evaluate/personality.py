@@ -13,16 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from persllm.cot import split_inline
+from persllm.config import TRAITS
+from persllm.config.llm import LLMConfig
 from persllm.errors import UserError
 from persllm.evaluate.judge import render
-from persllm.llm.config import LLMConfig
+from persllm.evaluate.systems import Item as Held
+from persllm.evaluate.systems import Request, generate, messages_for, retrieval_context, stage_prompts
+from persllm.llm import make_backend
+from persllm.prompting import split_inline
 
 if TYPE_CHECKING:
     from persllm.config import Project
     from persllm.evaluate.systems import System
 
-TRAITS = ("O", "C", "E", "A", "N")
 TRAIT_COLUMNS = ("label_ocean", "trait", "ocean", "domain")
 
 
@@ -152,8 +155,6 @@ def interview(
     Answers are scored by the judge when one is given, else by the number the model wrote. Returns
     ``{system: {persona: {traits, target, distance, answered, asked}}}``; ``backends`` are reused models.
     """
-    from persllm.evaluate.systems import Item as Held
-    from persllm.evaluate.systems import Request, generate, messages_for, retrieval_context, stage_prompts
 
     cfg = project.config.eval
     assert cfg.questionnaire is not None
@@ -230,7 +231,6 @@ def interview(
 
 def _ask_judge(judge: LLMConfig, cache: Any, params: dict[str, Any], prompts: list[str]) -> list[str]:
     async def ask_all() -> list[str]:
-        from persllm.llm import make_backend
 
         backend = make_backend(judge, cache)
         try:

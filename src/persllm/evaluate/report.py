@@ -11,9 +11,12 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from persllm import metric_catalog
+from persllm.config import TRAITS
 from persllm.errors import UserError
 from persllm.jsonl import read_jsonl
 from persllm.layout import write_atomic
+from persllm.metric_catalog import fmt, fmt_estimate
 
 if TYPE_CHECKING:
     from persllm.config import Project
@@ -22,11 +25,10 @@ Block = tuple[
     Any, ...
 ]  # ("h2", text) | ("p", text) | ("list", items) | ("table", headers, rows) | ("img", file, alt)
 
-OVERVIEW = ["bleu", "rouge_l", "persona_acc", "stage_acc", "style_fidelity", "anachronism_rate"]
+OVERVIEW = list(metric_catalog.names("generation"))
 SMALL_SAMPLE = 30  # items: fewer than this and the report says the intervals are rough
-DISTINCTION = ["intra_bleu", "stage_bleu", "inter_bleu", "intra_cos", "stage_cos", "inter_cos"]
-JUDGED = ["knowledge", "attitude", "premise_detected", "win_rate", "tie_rate", "loss_rate"]
-TRAITS = ["O", "C", "E", "A", "N"]
+DISTINCTION = list(metric_catalog.names("distinction"))
+JUDGED = list(metric_catalog.names("judged"))
 
 
 def run(project: "Project") -> dict[str, Path]:
@@ -55,16 +57,6 @@ def write_report(out: Path, metrics: dict[str, Any], rows: list[dict[str, Any]])
 # --------------------------------------------------------------------------- content
 
 
-def fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.2f}" if abs(value) >= 10 else f"{value:.3f}"
-    return str(value)
-
-
 def metric_table(systems: dict[str, Any], names: list[str]) -> Block:
     """Systems x ``names`` of the annotator-golden set, or of the held-out set when there is none."""
     key = "overall" if any(s.get("overall", {}).get("n") for s in systems.values()) else "heldout"
@@ -74,22 +66,6 @@ def metric_table(systems: dict[str, Any], names: list[str]) -> Block:
 
 
 # The metrics every summary leads with: the run summary, the report's headline and each model card.
-HEADLINE_KEYS = ("bleu", "rouge_l", "style_fidelity", "persona_acc", "stage_acc", "anachronism_rate")
-
-
-def fmt_estimate(estimate: dict[str, Any] | None, signed: bool = False) -> str:
-    """``0.412 [0.380, 0.445]`` from an interval dict; ``-`` for none."""
-    if not estimate or estimate.get("value") is None:
-        return "–"
-
-    def one(value: float) -> str:
-        digits = 2 if abs(value) >= 10 else 3
-        return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
-
-    text = one(estimate["value"])
-    if estimate.get("low") is not None and estimate.get("high") is not None:
-        text += f" [{one(estimate['low'])}, {one(estimate['high'])}]"
-    return text
 
 
 def interval_table(systems: dict[str, Any], key: str, names: list[str], extra: dict[str, Any]) -> Block:
@@ -226,13 +202,16 @@ def judge_validity_line(validity: dict[str, Any]) -> str:
 
 def likelihood_blocks(likelihood: dict[str, Any], baseline: str, plots: dict[str, str]) -> list[Block]:
     """How likely each system finds the real held-out words: values with intervals, chance, differences."""
-    from persllm.evaluate.likelihood import METRICS
 
     systems = likelihood.get("systems") or {}
     if not systems:
         return []
     counts, chance = likelihood.get("counts", {}), likelihood.get("chance", {})
-    shown = [m for m in METRICS if any(s.get(m, {}).get("value") is not None for s in systems.values())]
+    shown = [
+        m
+        for m in metric_catalog.names("likelihood")
+        if any(s.get(m, {}).get("value") is not None for s in systems.values())
+    ]
     body = [[name, *(fmt_estimate(data.get(m)) for m in shown)] for name, data in systems.items()]
     body.append(["chance", *(fmt(chance.get(m)) for m in shown)])
     blocks: list[Block] = [
@@ -256,7 +235,6 @@ def likelihood_blocks(likelihood: dict[str, Any], baseline: str, plots: dict[str
 
 def robustness_blocks(robustness: dict[str, Any], baseline: str) -> list[Block]:
     """The probes' metrics per system with intervals, the paired differences, what was skipped."""
-    from persllm.evaluate.robustness import LOWER_IS_BETTER, METRICS
 
     systems = robustness.get("systems") or {}
     if not systems:
@@ -269,12 +247,14 @@ def robustness_blocks(robustness: dict[str, Any], baseline: str) -> list[Block]:
             "Probes per kind: "
             + ", ".join(f"{k} {v}" for k, v in counts.items())
             + ". Lower is better for "
-            + ", ".join(sorted(LOWER_IS_BETTER))
+            + ", ".join(sorted(metric_catalog.lower_is_better("robustness")))
             + "; 95% bootstrap intervals over probes; errors are probes whose conversation failed.",
         ),
     ]
     shown = [
-        m for m in METRICS if any(s["metrics"].get(m, {}).get("value") is not None for s in systems.values())
+        m
+        for m in metric_catalog.names("robustness")
+        if any(s["metrics"].get(m, {}).get("value") is not None for s in systems.values())
     ]
     body = [
         [name, *(fmt_estimate(data["metrics"].get(m)) for m in shown), str(data.get("errors", 0))]
@@ -404,12 +384,10 @@ def make_plots(folder: Path, metrics: dict[str, Any]) -> dict[str, str]:
         made[name] = _bar_panels(plt, folder / f"{name}.png", panels, lines)
     likelihood = metrics.get("likelihood") or {}
     if likelihood.get("systems"):
-        from persllm.evaluate.likelihood import METRICS
-
         chance = likelihood.get("chance") or {}
         panels = {
             metric: {system: data.get(metric) for system, data in likelihood["systems"].items()}
-            for metric in METRICS
+            for metric in metric_catalog.names("likelihood")
             if any((d.get(metric) or {}).get("value") is not None for d in likelihood["systems"].values())
         }
         lines = {m: (chance[m], "chance") for m in panels if chance.get(m) is not None}

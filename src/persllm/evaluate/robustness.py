@@ -15,11 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from persllm import stats
 from persllm.config import Project
+from persllm.config.llm import LLMConfig
 from persllm.evaluate import probes as probing
-from persllm.evaluate import stats
 from persllm.evaluate.judge import parse_yes_no, render
+from persllm.evaluate.metrics import nearest_centroid_predict
 from persllm.evaluate.probes import Probe
+from persllm.evaluate.scores import Embeddings, stage_material
 from persllm.evaluate.systems import (
     Item,
     Request,
@@ -29,29 +32,20 @@ from persllm.evaluate.systems import (
     retrieval_context,
     stage_prompts,
 )
+from persllm.llm import make_backend
 from persllm.llm.base import Message
-from persllm.llm.config import LLMConfig
+from persllm.metric_catalog import lower_is_better, names
+from persllm.persona import read_stage_chunks
 
 Embed = Callable[[list[str]], np.ndarray]
 EMULATED = None  # a turn the user-emulator writes
-METRICS = (
-    "leak_rate",
-    "past_accuracy",
-    "boundary_score",
-    "premise_rejection",
-    "ooc_rate",
-    "sycophancy_flip",
-    "turn_consistency",
-    "turn_slope",
-    "answer_consistency",
-)
-LOWER_IS_BETTER = {"leak_rate", "ooc_rate", "sycophancy_flip"}
+METRICS = names("robustness")
+LOWER_IS_BETTER = lower_is_better("robustness")
 
 
 def plan(project: Project) -> tuple[list[Probe], dict[str, str]]:
     """Every persona's probes and the kinds skipped, from the corpus (held-out passages included: a
     probe asks about the person's life, it never shows the passage)."""
-    from persllm.persona import read_stage_chunks
 
     cfg = project.config.eval.robustness
     found: list[Probe] = []
@@ -184,7 +178,6 @@ def emulator_turns(
     """The emulator's next message for each record's conversation; a failure or timeout is recorded."""
     if not records:
         return {}
-    from persllm.llm import make_backend
 
     limit = project.config.eval.robustness.turn_timeout_s
     params = {**cfg.params, "max_tokens": 60, "seed": project.config.seed}
@@ -234,7 +227,6 @@ def emulator_turns(
 
 def check(project: Project, records: list[dict[str, Any]], by_id: dict[str, Probe], embed: Embed) -> None:
     """The offline checks of ``evaluate.probes`` on every record, in place (``record["offline"]``)."""
-    from persllm.evaluate.scores import Embeddings, stage_material
 
     cfg = project.config.eval.robustness
     vectors = Embeddings(embed)
@@ -275,7 +267,6 @@ def in_character(
 ) -> list[bool]:
     """Per reply: no out-of-character phrase and, with two or more personas, the persona classifier of
     the evaluation (nearest centroid of their own words) assigns it to its own persona."""
-    from persllm.evaluate.metrics import nearest_centroid_predict
 
     flags = [not probing.out_of_character(r) for r in replies]
     if style is None:
@@ -311,7 +302,6 @@ def judge_records(
     project: Project, cfg: LLMConfig, cache: Any, records: list[dict[str, Any]], by_id: dict[str, Probe]
 ) -> None:
     """The judge's yes/no on every checked answer (``record["judge"]``); unreadable verdicts are None."""
-    from persllm.llm import make_backend
 
     params = dict(project.config.eval.judge_params)
 

@@ -15,8 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from persllm import stats
 from persllm.config import Project
-from persllm.evaluate import metrics, stats
+from persllm.evaluate import metrics
+from persllm.index.retrieve import load_heldout
+from persllm.persona import read_stage_chunks
 
 Embed = Callable[[list[str]], np.ndarray]
 SETS = {"golden": "overall", "heldout": "heldout"}  # row set -> its key in a system's metrics
@@ -55,8 +58,6 @@ class Material:
 
 def stage_material(project: Project) -> Material:
     """Later-only terms per (persona, stage), and every training style passage with its persona and stage."""
-    from persllm.index.retrieve import load_heldout
-    from persllm.persona import read_stage_chunks
 
     material = Material({}, [], [], [])
     for persona_id, persona in project.personas.items():

@@ -25,14 +25,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from persllm.config import Project
-from persllm.cot import split_inline
-from persllm.curate.format import SystemStyle, system_prompt
+from persllm.config.llm import LLMConfig
 from persllm.errors import UserError
 from persllm.evaluate.judge import render
+from persllm.index.retrieve import Retriever, without_sources
 from persllm.jsonl import read_jsonl
+from persllm.llm import make_backend
 from persllm.llm.base import Completion, Message
-from persllm.llm.config import LLMConfig
+from persllm.prompting import SystemStyle, split_inline, system_prompt
 from persllm.train.common import system_style
+from persllm.train.gguf_files import generation_adapter, generation_base
 
 if TYPE_CHECKING:
     from persllm.config import PersonaConfig, StageConfig
@@ -231,7 +233,6 @@ def generation_target(project: Project, system: System, persona: str) -> tuple[L
     trained = system.adapters.get(persona) if system.mode == "trained" else None
     if system.llm.backend != "llamacpp" or system.name not in BUILTIN:
         return system.llm, str(trained) if trained is not None else None
-    from persllm.train.gguf_files import generation_adapter, generation_base
 
     if trained is None:
         return system.llm.model_copy(update={"model": str(generation_base(project))}), None
@@ -265,7 +266,6 @@ def messages_for(
 
 
 def rag_system_prompt(system: str, knowledge: str, style: str) -> str:
-    from persllm.index.retrieve import without_sources
 
     return render(
         "rag_system",
@@ -281,7 +281,6 @@ def retrieval_context(project: Project) -> Callable[[Item], dict[str, str] | Non
 
     def fetch(item: Item) -> dict[str, str] | None:
         nonlocal retriever
-        from persllm.index.retrieve import Retriever
 
         retriever = retriever or Retriever(project)
         found = retriever.retrieve(item.persona, item.stage, item.question)
@@ -333,7 +332,6 @@ async def _close(backends: dict[str, Any]) -> None:
 async def _generate(
     project: Project, requests: list[Request], params: dict[str, Any], cache: Any, backends: dict[str, Any]
 ) -> list[Completion]:
-    from persllm.llm import make_backend
 
     # Every adapter is registered before the first generation (a llama.cpp engine loads them at start).
     groups: dict[tuple[str, str, int], list[int]] = defaultdict(list)

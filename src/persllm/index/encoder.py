@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from persllm.bundled import resolve_model
 from persllm.config import EmbedderConfig
 from persllm.errors import UserError
-from persllm.llm.bundled import resolve_model
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer

@@ -12,11 +12,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from persllm.config import Project
-from persllm.cot import split_inline
-from persllm.interact.config import ServeConfig
+from persllm.config.interact import ServeConfig
 from persllm.interact.models import ModelRef
 from persllm.interact.prompting import merge_consecutive, persona_system
 from persllm.llm.base import Message
+from persllm.prompting import split_inline
 
 
 class ApiError(Exception):

@@ -5,6 +5,7 @@ import sys
 from typing import TextIO
 
 from persllm.config import Project
+from persllm.index.retrieve import Retriever, without_sources
 from persllm.interact.models import ModelPool, best_variant, chat_ref
 from persllm.interact.session import ChatSession, RetrieveFn
 
@@ -41,7 +42,6 @@ def run(
 
 def retriever(project: Project) -> RetrieveFn:
     """Retrieval of the persona's own material for a message, as (knowledge, style) text."""
-    from persllm.index.retrieve import Retriever, without_sources
 
     index = Retriever(project)
 

@@ -17,16 +17,21 @@ from typing import Any
 
 from persllm import __version__
 from persllm.config import PersonaConfig, Project
-from persllm.cot import split_inline
+from persllm.config.interact import AgentConfig, ConverseConfig
 from persllm.errors import UserError
+from persllm.evaluate.probes import out_of_character
 from persllm.hashing import stable_hash
+from persllm.index.encoder import embed
 from persllm.interact import measures
-from persllm.interact.config import AgentConfig, ConverseConfig
 from persllm.interact.models import ModelPool, ModelRef, Speaker, best_variant, chat_ref, resolve_model_id
 from persllm.interact.prompting import PROMPTS, fit, merge_consecutive, persona_system, template
 from persllm.jsonl import write_jsonl
 from persllm.layout import write_atomic
+from persllm.llm import make_backend
 from persllm.llm.base import Message
+from persllm.metric_catalog import fmt_estimate
+from persllm.prompting import parse_yes_no, split_inline
+from persllm.terms import salient_terms
 
 ORDERS = ("round-robin", "random")
 
@@ -82,8 +87,6 @@ def run(
         agent.speaker = speaker
     for agent in cast:
         if agent.speaker is None:
-            from persllm.llm import make_backend
-
             agent.speaker = Speaker(make_backend(agent.llm))
     folder = out or default_out(project, agents, scenario, turns, order, seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -246,11 +249,9 @@ async def measure(
     project: Project, cfg: ConverseConfig, cast: list[Agent], rows: list[dict[str, Any]], scenario: str
 ) -> dict[str, Any]:
     """Per agent: stance consistency, topic coverage and flattery rate."""
-    from persllm.evaluate.probes import out_of_character
-    from persllm.index.encoder import embed
 
     vectors = embed([row["text"] or "(silence)" for row in rows], project.config.embedder)
-    everything = {term for row in rows for term in measures.salient_terms(row["text"])}
+    everything = {term for row in rows for term in salient_terms(row["text"])}
     judge = _judge(cfg)
     lexicon = measures.load_lexicon(lexicon_path(project, cfg))
     per_agent = []
@@ -312,7 +313,6 @@ def lexicon_path(project: Project, cfg: ConverseConfig) -> Path:
 def _judge(cfg: ConverseConfig) -> Any:
     if cfg.judge is None:
         return None
-    from persllm.llm import make_backend
 
     return make_backend(cfg.judge)
 
@@ -359,7 +359,7 @@ async def _judge_flattery(
     answers = await asyncio.gather(
         *(judge.generate([{"role": "user", "content": p}], JUDGE_PARAMS) for p in prompts)
     )
-    verdicts = [measures.parse_yes_no(answer.text) for answer in answers]
+    verdicts = [parse_yes_no(answer.text) for answer in answers]
     flagged = [rows[i]["turn"] for i, verdict in zip(mine, verdicts, strict=True) if verdict]
     known = [v for v in verdicts if v is not None]
     return {
@@ -372,7 +372,6 @@ async def _judge_flattery(
 
 def markdown(scenario: str, cast: list[Agent], rows: list[dict[str, Any]], result: dict[str, Any]) -> str:
     """The transcript and a table of the measures."""
-    from persllm.evaluate.report import fmt_estimate
 
     lines = ["# Conversation", "", f"**Scenario:** {scenario.strip()}", ""]
     lines += [f"- **{a.name}**: `{a.model}`" for a in cast] + ["", "## Transcript", ""]

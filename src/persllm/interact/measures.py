@@ -8,35 +8,14 @@ flattering, or, without a judge, the share containing a phrase of a flattery lex
 
 import re
 from collections import Counter
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from persllm.interact.prompting import PROMPTS
-
-WORD = re.compile(r"[a-z][a-z'-]*[a-z]")
-
-
-@cache
-def stopwords() -> frozenset[str]:
-    return frozenset(_lines_of_words(PROMPTS / "stopwords.txt"))
-
-
-def _lines_of_words(path: Path) -> list[str]:
-    words: list[str] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.lstrip().startswith("#"):
-            words += line.lower().split()
-    return words
-
-
-def salient_terms(text: str) -> list[str]:
-    """Lower-case content words of ``text`` (four letters or more, not stopwords, no possessive 's)."""
-    words = (word.removesuffix("'s") for word in WORD.findall(_normalise(text)))
-    stop = stopwords()
-    return [word for word in words if len(word) >= 4 and word not in stop]
+from persllm import stats
+from persllm.evaluate.probes import flips as flipped
+from persllm.terms import normalise, salient_terms
 
 
 def coverage(replies: list[str], conversation_terms: set[str], top: int = 10) -> dict[str, Any]:
@@ -74,7 +53,6 @@ def flips(replies: list[str], vectors: np.ndarray, reference: int, similarity: f
     """Per reply after the first ``reference`` ones: whether it left the agent's stance, i.e. gives in
     (a capitulating phrase) or its cosine to the stance (the mean of the first replies) is below
     ``similarity``; the same test as the evaluation's sycophancy flip."""
-    from persllm.evaluate.probes import flips as flipped
 
     if len(vectors) <= reference:
         return []
@@ -88,7 +66,6 @@ def flips(replies: list[str], vectors: np.ndarray, reference: int, similarity: f
 
 def share_estimate(flags: list[bool], seed: int) -> dict[str, Any]:
     """The share of true flags with its 95% bootstrap interval over the flags."""
-    from persllm.evaluate import stats
 
     values = [float(f) for f in flags]
     return stats.mean_estimate(values, stats.resample_indices(len(values), stats.RESAMPLES, seed)).to_dict()
@@ -98,7 +75,7 @@ def load_lexicon(path: Path) -> list[str]:
     """Flattery phrases of a lexicon file: one a line, ``#`` comments and blank lines skipped."""
     phrases = []
     for line in path.read_text(encoding="utf-8").splitlines():
-        phrase = " ".join(_normalise(line).split())
+        phrase = " ".join(normalise(line).split())
         if phrase and not phrase.startswith("#"):
             phrases.append(phrase)
     return phrases
@@ -106,7 +83,7 @@ def load_lexicon(path: Path) -> list[str]:
 
 def flattering_phrases(text: str, phrases: list[str]) -> list[str]:
     """The lexicon phrases that occur in ``text`` as whole words."""
-    normal = " ".join(_normalise(text).split())
+    normal = " ".join(normalise(text).split())
     return [phrase for phrase in phrases if re.search(rf"(?<![a-z]){re.escape(phrase)}(?![a-z])", normal)]
 
 
@@ -120,14 +97,3 @@ def parse_score(text: str) -> int | None:
         r"\b([1-5])\b", text
     )
     return int(match.group(1)) if match else None
-
-
-def parse_yes_no(text: str) -> bool | None:
-    """A judge answer ``Answer: yes|no`` (or a reply that starts with yes or no); None when unclear."""
-    match = re.search(r"answer\s*[:=]?\s*\**\s*(yes|no)\b", text, re.IGNORECASE)
-    match = match or re.match(r"\W*(yes|no)\b", text, re.IGNORECASE)
-    return match.group(1).lower() == "yes" if match else None
-
-
-def _normalise(text: str) -> str:
-    return text.lower().replace("\u2019", "'").replace("\u2018", "'")

@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from persllm.config import Project
-from persllm.curate.format import SystemStyle
+from persllm.config.llm import LLMConfig
 from persllm.errors import UserError
 from persllm.hashing import stable_hash
+from persllm.llm import make_backend
 from persllm.llm.base import Completion, Message
-from persllm.llm.config import LLMConfig
+from persllm.llm.transformers_backend import TransformersBackend
+from persllm.prompting import SystemStyle
 from persllm.train.common import system_style
+from persllm.train.gguf_files import generation_adapter, generation_base
 
 BASE = "base"
 PROMPT = "prompt"
@@ -228,7 +231,6 @@ class ModelPool:
             return None
         if self.cfg.backend != "llamacpp":
             return ref.path
-        from persllm.train.gguf_files import generation_adapter
 
         assert ref.persona is not None
         made, is_adapter = generation_adapter(self.project, ref.persona, ref.path)
@@ -272,8 +274,6 @@ class ModelPool:
     def _generation_cfg(self, persona: str | None, folder: Path | None) -> LLMConfig:
         """The base model config pointed at what generates: the base, a trained folder, or a GGUF file."""
         if self.cfg.backend == "llamacpp":
-            from persllm.train.gguf_files import generation_adapter, generation_base
-
             if folder is None or persona is None:
                 return self.cfg.model_copy(update={"model": str(generation_base(self.project))})
             return self.cfg.model_copy(
@@ -291,9 +291,6 @@ class ModelPool:
 
 def _make_base(cfg: LLMConfig) -> Any:
     if cfg.backend == "transformers":
-        from persllm.llm.transformers_backend import TransformersBackend
-
         return TransformersBackend(cfg)
-    from persllm.llm import make_backend
 
     return make_backend(cfg)

@@ -1,31 +1,28 @@
 """Pure prompt building shared by chat, serve and converse.
 
-The persona's system prompt and the stage label come from ``persllm.curate.format`` so a model is
+The persona's system prompt and the stage label come from ``persllm.prompting`` so a model is
 prompted exactly as it was trained; this module adds what only interaction needs: retrieved context,
 trimming a long conversation to the prompt budget, and splitting a streamed reply into its analysis
 and its response as the text arrives.
 """
 
 from collections.abc import Callable
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from persllm.cot import THINK_CLOSE, THINK_OPEN
-from persllm.curate.format import system_prompt, with_label
+from persllm.prompting import THINK_CLOSE, THINK_OPEN, read_template, system_prompt, with_label
 
 if TYPE_CHECKING:
     from persllm.config import PersonaConfig, StageConfig
-    from persllm.curate.format import SystemStyle
+    from persllm.prompting import SystemStyle
 
 PROMPTS = Path(__file__).with_name("prompts")
 Message = dict[str, str]
 
 
-@cache
 def template(name: str) -> str:
     """A prompt template of ``interact/prompts/`` (``str.format`` placeholders)."""
-    return (PROMPTS / name).read_text(encoding="utf-8")
+    return read_template(PROMPTS, name)
 
 
 def persona_system(

@@ -29,13 +29,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as AsgiMessage
 
 from persllm.config import Project
-from persllm.cot import split_inline
+from persllm.config.interact import ServeConfig
 from persllm.errors import UserError
 from persllm.interact import api
-from persllm.interact.config import ServeConfig
+from persllm.interact.chat import retriever
 from persllm.interact.models import ModelPool, ModelRef, Speaker, list_model_ids, resolve_model_id
 from persllm.interact.prompting import ThinkSplitter, fit
 from persllm.llm.base import Message
+from persllm.prompting import split_inline
 
 STATIC = Path(__file__).with_name("static")
 log = logging.getLogger("persllm.serve")
@@ -72,8 +73,6 @@ def create_app(
     pool = pool or ModelPool(project)
     retrieve = None
     if cfg.retrieval:
-        from persllm.interact.chat import retriever
-
         retrieve = retriever(project)
     if preload:
         pool.speakers([resolve_model_id(project, model_id) for model_id in list_model_ids(project)])

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from persllm.config import PersonaConfig
-from persllm.cot import split_inline
 from persllm.errors import UserError
 from persllm.interact.models import Speaker
 from persllm.interact.prompting import ThinkSplitter, fit, persona_system
 from persllm.layout import write_atomic
 from persllm.llm.base import Message
+from persllm.prompting import split_inline
 
 # (persona id, stage id, query) -> (knowledge text, style text)
 RetrieveFn = Callable[[str, str, str], tuple[str, str]]

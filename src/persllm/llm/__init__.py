@@ -5,10 +5,10 @@
 
 from typing import Any
 
+from persllm.config.llm import LLMConfig
 from persllm.errors import UserError
 from persllm.llm.base import ChatBackend, Completion, LLMError, Message, merge_params, run_sync
 from persllm.llm.cache import CachedBackend, CallCache, open_cache
-from persllm.llm.config import LLMConfig
 from persllm.llm.llamacpp_backend import LlamaCppBackend
 from persllm.llm.openai_backend import OpenAIBackend
 from persllm.llm.transformers_backend import TransformersBackend

@@ -180,13 +180,13 @@ class CallCache:
         calls_where, hits_where = ("WHERE c.tag = ?", "WHERE h.tag = ?") if tag else ("", "")
         query = f"""
             SELECT c.created_at, c.key, c.tag, 0 AS cached, c.backend, c.model, c.request, c.response,
-                   c.finish_reason, c.prompt_tokens, c.completion_tokens, c.seconds
+                   c.finish_reason, c.prompt_tokens, c.completion_tokens, c.seconds, c.rowid AS seq
             FROM calls c {calls_where}
             UNION ALL
             SELECT h.created_at, h.key, h.tag, 1 AS cached, c.backend, c.model, c.request, c.response,
-                   c.finish_reason, c.prompt_tokens, c.completion_tokens, c.seconds
+                   c.finish_reason, c.prompt_tokens, c.completion_tokens, c.seconds, h.id AS seq
             FROM hits h JOIN calls c ON c.key = h.key {hits_where}
-            ORDER BY created_at DESC LIMIT ?
+            ORDER BY created_at DESC, cached DESC, seq DESC LIMIT ?
         """
         args: tuple[Any, ...] = (tag, tag, n) if tag else (n,)
         with self._lock:
@@ -194,6 +194,7 @@ class CallCache:
             names = [d[0] for d in cursor.description]
             rows = [dict(zip(names, values, strict=True)) for values in cursor.fetchall()]
         for row in rows:
+            del row["seq"]  # only the tie-break of calls written in the same clock tick
             row["cached"] = bool(row["cached"])
             row["request"] = json.loads(row["request"])
         return rows

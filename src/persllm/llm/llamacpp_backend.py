@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from persllm.bundled import SMOLLM2, smollm2_gguf
+from persllm.config.llm import LLMConfig
 from persllm.errors import UserError
 from persllm.llm.base import (
     BASE_ADAPTER,
@@ -31,8 +33,6 @@ from persllm.llm.base import (
     pick_adapter,
     stop_list,
 )
-from persllm.llm.bundled import SMOLLM2, smollm2_gguf
-from persllm.llm.config import LLMConfig
 from persllm.llm.transformers_backend import weights_fingerprint
 
 GGUF_MAGIC = b"GGUF"

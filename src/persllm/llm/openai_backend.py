@@ -26,9 +26,9 @@ from typing import Any, TypeVar
 
 import httpx
 
+from persllm.config.llm import LLMConfig
 from persllm.errors import UserError
 from persllm.llm.base import Completion, LLMError, Message, merge_params, stop_list
-from persllm.llm.config import LLMConfig
 
 BACKOFF_BASE = 0.5  # seconds; attempt k waits uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**k))
 BACKOFF_CAP = 30.0

@@ -22,8 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from persllm.bundled import resolve_model
+from persllm.config.llm import LLMConfig
 from persllm.errors import UserError
 from persllm.hashing import canonical_json, file_hash, stable_hash
+from persllm.interrupts import stop_requested
 from persllm.llm.base import (
     BASE_ADAPTER,
     DEFAULT_ADAPTER,
@@ -33,8 +36,7 @@ from persllm.llm.base import (
     pick_adapter,
     stop_list,
 )
-from persllm.llm.bundled import resolve_model
-from persllm.llm.config import LLMConfig
+from persllm.llm.local_stream import BatchStreamer, RowSink, read_sink
 
 if TYPE_CHECKING:
     from persllm.llm.local_stream import RowSink
@@ -228,7 +230,6 @@ class TransformersBackend:
 
     async def stream(self, messages: list[Message], params: dict[str, Any]) -> AsyncIterator[str]:
         """Yield the reply's text as it is generated, in the same batches as ``generate``."""
-        from persllm.llm.local_stream import RowSink, read_sink
 
         merged = merge_params(self.cfg.params, params)
         sink = RowSink(asyncio.get_running_loop())
@@ -323,8 +324,6 @@ class TransformersBackend:
         width = batch["input_ids"].shape[1]
         kwargs.update(row_stopping(tokenizer, stop_list(params.get("stop")), width, callers))
         if any(caller.sink is not None for caller in callers):
-            from persllm.llm.local_stream import BatchStreamer
-
             sinks = [caller.sink for caller in callers]
             kwargs["streamer"] = BatchStreamer(tokenizer, sinks, end_ids(tokenizer))
         want_logprobs = bool(params.get("logprobs"))
@@ -523,8 +522,6 @@ def row_stopping(
     """
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
-
-    from persllm.interrupts import stop_requested
 
     # A byte-level token can be a quarter of a character: this many tokens hold the longest stop string.
     window = 4 * max((len(s) for s in stops), default=0) + 1

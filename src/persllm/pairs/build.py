@@ -4,7 +4,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from persllm.curate.filters import reply_source, word_overlap
-from persllm.curate.format import CotMode, SystemStyle, assistant_text, system_prompt, with_label
+from persllm.curate.format import CotMode, assistant_text
+from persllm.prompting import SystemStyle, system_prompt, with_label
 
 if TYPE_CHECKING:
     from persllm.config import PersonaConfig

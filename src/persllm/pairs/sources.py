@@ -7,10 +7,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from persllm.cot import split_inline
+from persllm.annotate.parse import Malformed
 from persllm.curate.dedup import COSINE_TOLERANCE
 from persllm.curate.filters import REAL_SOURCES, reply_source
 from persllm.pairs.build import Candidate, opening, other_stages
+from persllm.prompting import split_inline
 
 if TYPE_CHECKING:
     from persllm.annotate.engine import Annotator
@@ -132,7 +133,6 @@ async def cross_stage(
 
     Own-words records get their cross-stage pairs from ``cross_stage_neighbours`` instead.
     """
-    from persllm.annotate.parse import Malformed
 
     async def one(record: dict[str, Any], stage_id: str) -> Candidate:
         source = {"persona": persona.id, "stage": stage_id}

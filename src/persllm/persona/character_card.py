@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from persllm.errors import UserError
+from persllm.terms import salient_terms
 
 SPECS = {"chara_card_v2": "2.0", "chara_card_v3": "3.0"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -227,7 +228,6 @@ def first_sentence(text: str) -> str:
 
 def keywords(text: str, count: int = 4) -> list[str]:
     """The most frequent content words of a passage (ties: first seen): a lorebook entry's keys."""
-    from persllm.interact.measures import salient_terms
 
     return [word for word, _ in Counter(salient_terms(text)).most_common(count)]
 

@@ -8,6 +8,7 @@ evaluation exists. The counts come from the index's per-stage rows and the annot
 from typing import Any
 
 from persllm.config import Project
+from persllm.jsonl import read_jsonl
 
 BIOGRAPHY_ONLY = (
     "every training reply of {where} will be written by the annotator (no own words, no dialogue material): "
@@ -64,8 +65,6 @@ def material_lines(project: Project, rows: list[dict[str, Any]]) -> list[str]:
 def index_rows(project: Project) -> list[dict[str, Any]]:
     """The per-stage counts ``persllm index`` printed, read back from the run folder's index."""
     import json
-
-    from persllm.jsonl import read_jsonl
 
     layout = project.layout
     rows = []

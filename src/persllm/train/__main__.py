@@ -8,11 +8,11 @@ import sys
 
 import typer
 
+from persllm.cli.train import train_app
 from persllm.errors import UserError
 
 
 def main() -> None:
-    from persllm.cli.train import train_app
 
     try:
         train_app(prog_name="python -m persllm.train")

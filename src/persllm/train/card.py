@@ -9,7 +9,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from persllm.llm.bundled import SMOLLM2
+from persllm.bundled import SMOLLM2
+from persllm.metric_catalog import HEADLINE, fmt_estimate
 
 if TYPE_CHECKING:
     from persllm.config import PersonaConfig
@@ -70,7 +71,6 @@ def model_card(persona: "PersonaConfig", info: dict[str, Any], system: dict[str,
 def evaluation_lines(metrics: dict[str, Any], system: str, persona_id: str) -> list[str]:
     """The card's evaluation block for ``system`` (``sft`` or ``sft+dpo``) from ``eval/metrics.json``:
     its held-out metrics and its difference from the baseline, each with the 95% interval."""
-    from persllm.evaluate.report import HEADLINE_KEYS, fmt_estimate
 
     data = (metrics.get("systems") or {}).get(system) or {}
     baseline = (metrics.get("settings") or {}).get("baseline", "prompt")
@@ -89,7 +89,7 @@ def evaluation_lines(metrics: dict[str, Any], system: str, persona_id: str) -> l
         f"| metric | {system} | {system} - {baseline} |",
         "|---|---|---|",
     ]
-    for metric in HEADLINE_KEYS:
+    for metric in HEADLINE:
         if metric in values:
             change = difference.get(metric)
             mark = " *" if change and change.get("excludes_zero") else ""

@@ -14,23 +14,25 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from persllm.bundled import resolve_model
 from persllm.config import Project
-from persllm.errors import UserError
-from persllm.jsonl import read_jsonl
-from persllm.llm.bundled import resolve_model
-from persllm.manifest import load_manifest, record_stage
-from persllm.train.config import (
+from persllm.config.train import (
     COMMON_TRL_DEFAULTS,
     DPO_TRL_DEFAULTS,
     LORA_DEFAULTS,
     SFT_TRL_DEFAULTS,
 )
+from persllm.errors import UserError
+from persllm.jsonl import read_jsonl
+from persllm.manifest import load_manifest, record_stage
+from persllm.prompting import system_prompt
+from persllm.train.card import model_card
 
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import Trainer
 
-    from persllm.curate.format import SystemStyle
+    from persllm.prompting import SystemStyle
 
 # transformers' models and tokenizers are typed too loosely for mypy to follow; they travel as Any.
 Model = Any
@@ -410,8 +412,6 @@ def save_final(
 
 def card_text(project: Project, persona_id: str, info: dict[str, Any]) -> str:
     """The model card of a trained folder described by ``info`` (its training.json contents)."""
-    from persllm.curate.format import system_prompt
-    from persllm.train.card import model_card
 
     persona = project.persona(persona_id)
     style: SystemStyle = "brief" if info.get("system_prompt") == "brief" else "full"

@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from persllm import stats
 from persllm.config import Project
 from persllm.errors import UserError
 from persllm.layout import write_atomic, write_json_atomic
+from persllm.llm import TransformersBackend
 from persllm.train import common
 from persllm.train.card import portable_base
 
@@ -152,9 +154,6 @@ def heldout_rewards(
     the reference on the chosen reply minus on the rejected one; accuracy = share of margins above 0,
     both with 95% bootstrap intervals over pairs."""
     import numpy as np
-
-    from persllm.evaluate import stats
-    from persllm.llm import TransformersBackend
 
     backend = TransformersBackend(project.config.base_model.model_copy(update={"backend": "transformers"}))
     backend.add_adapter("policy", policy)

@@ -14,12 +14,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from persllm.bundled import SMOLLM2
 from persllm.config import Project
-from persllm.curate.format import system_prompt
 from persllm.errors import UserError
 from persllm.layout import GENERATION_GGUF
-from persllm.llm.bundled import SMOLLM2
+from persllm.llm.llamacpp_backend import gguf_path
 from persllm.llm.transformers_backend import saves_modules, weights_fingerprint
+from persllm.prompting import system_prompt
 from persllm.train import common
 from persllm.train.export import load_folder, pick_variant
 from persllm.train.gguf_export import check_file_type, modelfile_text, write_gguf, write_lora_gguf
@@ -123,7 +124,6 @@ def export_merged(
 def generation_base(project: Project) -> Path:
     """The base GGUF ``base_model.backend: llamacpp`` runs: a ``.gguf`` model or ``bundled:smollm2`` as it
     is, a Hugging Face model exported (F16) under ``models/`` on first use."""
-    from persllm.llm.llamacpp_backend import gguf_path
 
     model = project.config.base_model.model
     if model == SMOLLM2 or model.endswith(".gguf"):

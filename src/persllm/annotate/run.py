@@ -11,7 +11,6 @@ HTTP 5xx) is missing, and the stage is ``partial`` until a later run writes it.
 
 import asyncio
 import fcntl
-import json
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -28,9 +27,11 @@ from persllm.config import Project
 from persllm.errors import UserError
 from persllm.hashing import stable_hash
 from persllm.index.retrieve import Retriever, load_heldout
-from persllm.jsonl import JsonlAppender, read_jsonl
+from persllm.jsonl import JsonlAppender, read_jsonl, write_jsonl
 from persllm.layout import RunLayout
+from persllm.llm import make_backend
 from persllm.llm.base import LLMError
+from persllm.llm.cache import open_cache
 from persllm.manifest import record_stage
 from persllm.persona.corpus import reply_cut
 
@@ -114,7 +115,6 @@ def run(
             project,
             "annotate",
             status=status,
-            input_hash=input_hash(project, persona_ids),
             personas=persona_ids,
             **{
                 key: summary[key]
@@ -225,7 +225,6 @@ async def annotate_all(
 
 def write_failures(project: Project, unwritten: list[Item], tally: Tally) -> None:
     """``failures/annotate.jsonl``: every planned item still unwritten, with its reason and attempts."""
-    from persllm.jsonl import write_jsonl
 
     rows = [
         {
@@ -248,8 +247,6 @@ def write_failures(project: Project, unwritten: list[Item], tally: Tally) -> Non
 
 def make_annotator(project: Project, retriever: Retriever, concurrency: int) -> Annotator:
     """The annotator over the project's call cache, allowing ``concurrency`` requests in flight."""
-    from persllm.llm import make_backend
-    from persllm.llm.cache import open_cache
 
     llm_cfg = project.config.annotator.model_copy(update={"concurrency": concurrency})
     backend = make_backend(llm_cfg, open_cache(project))
@@ -345,29 +342,6 @@ def existing_ids(layout: RunLayout, persona_id: str) -> set[str]:
     """Ids of the records a persona already has, training dialogues and held-out questions."""
     paths = (layout.dialogues(persona_id), layout.heldout_questions(persona_id))
     return {str(row.get("id")) for path in paths for row in read_jsonl(path)}
-
-
-def input_hash(project: Project, persona_ids: list[str]) -> str:
-    """What the annotations depend on: settings, seed, personas and the index fingerprints."""
-    index = {}
-    for pid in persona_ids:
-        for stage in project.persona(pid).stages:
-            meta = project.layout.index_meta(pid, stage.id)
-            index[f"{pid}/{stage.id}"] = (
-                json.loads(meta.read_text())["fingerprint"] if meta.exists() else None
-            )
-    cfg = project.config
-    return stable_hash(
-        {
-            "annotate": cfg.annotate.model_dump(mode="json"),
-            "annotator": cfg.annotator.model_dump(
-                mode="json", exclude={"concurrency", "timeout", "max_retries"}
-            ),
-            "seed": cfg.seed,
-            "personas": {pid: project.persona(pid).model_dump(mode="json") for pid in persona_ids},
-            "index": index,
-        }
-    )
 
 
 @contextmanager

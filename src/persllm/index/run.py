@@ -127,19 +127,10 @@ def run(project: Project, personas: list[str] | None = None, progress: bool = Fa
     }
     split = {f"{p}/{s}": [{"id": c.id, "ref": c.ref} for c in held] for (p, s), held in heldout.items()}
     split_talk = {f"{p}/{s}": [e.ref for e in held] for (p, s), (_, held) in talks_held.items() if held}
-    fingerprint = stable_hash(
-        {
-            "model": cfg.model,
-            "chunks": [[c.id for c in s[2]] for s in stages],
-            "heldout": split,
-            **({"exchanges": split_talk} if split_talk else {}),
-        }
-    )
     record_stage(
         project,
         "index",
         status="done",
-        input_hash=fingerprint,
         personas=persona_ids,
         chunks=result["chunks"],
         embedded=result["embedded"],

@@ -4,7 +4,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from persllm.llm.config import LLMConfig
+from persllm.config.llm import LLMConfig
 from persllm.schema import Section
 
 

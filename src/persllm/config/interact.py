@@ -5,7 +5,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from persllm.llm.config import LLMConfig
+from persllm.config.llm import LLMConfig
 from persllm.schema import Section
 
 ORIGIN = re.compile(r"https?://[^/\s?#@]+")  # a web origin: scheme and host[:port], nothing after
