@@ -464,6 +464,7 @@ def test_cli_runs_and_reports(project_dir: Path) -> None:
     assert len(rows) == 4 and {r["stage"] for r in rows} == {"master"}
 
 
+@pytest.mark.slow
 def test_cli_user_errors_exit_2(project_dir: Path) -> None:
     command = [*PERSLLM, "annotate", str(project_dir)]
     bad_stage = subprocess.run([*command, "--stage", "nope"], capture_output=True, text=True, timeout=120)

@@ -167,6 +167,7 @@ def test_a_card_round_trips_through_export(tmp_path: Path, capsys: pytest.Captur
             assert sorted(p.strip() for p in back.split("\n\n") if p.strip()) == kept
 
 
+@pytest.mark.slow
 def test_the_example_personas_export_with_their_stages_and_real_exchanges(
     example_project: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

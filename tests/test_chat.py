@@ -190,6 +190,7 @@ def test_cli_chat_and_help(project: Project) -> None:
     assert "Chatting with Jonah Pell (jonah:mayor:sft" in result.output and "Jonah Pell> " in result.output
 
 
+@pytest.mark.slow
 def test_cli_user_errors_exit_2(project: Project) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     base = [sys.executable, "-m", "persllm.cli", "chat", str(project.config_path)]

@@ -294,6 +294,7 @@ def talked(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return project, built, annotated
 
 
+@pytest.mark.slow
 def test_real_exchanges_train_as_they_are_and_held_out_ones_are_asked_as_they_were(talked: Any) -> None:
     from persllm.evaluate.systems import System, load_heldout_items, messages_for
     from persllm.jsonl import read_jsonl
@@ -337,6 +338,7 @@ def test_real_exchanges_train_as_they_are_and_held_out_ones_are_asked_as_they_we
     assert messages[1]["content"].startswith(f"{longest.label} ")
 
 
+@pytest.mark.slow
 def test_rerunning_annotate_writes_no_real_exchange_twice(talked: Any) -> None:
     from persllm import annotate
     from persllm.jsonl import read_jsonl
@@ -412,6 +414,7 @@ def garbage_writer(body: dict[str, Any]) -> str:
     return "Elsie Wren walked up to the lighthouse in the evening."
 
 
+@pytest.mark.slow
 def test_a_biography_only_project_stops_before_training_naming_the_annotator(tmp_path: Path) -> None:
     import shutil
     import subprocess

@@ -130,6 +130,7 @@ def cached_requests(project: Project) -> list[dict[str, Any]]:
         db.close()
 
 
+@pytest.mark.slow
 def test_the_cli_evaluates_the_base_model_and_the_adapters(tmp_path: Path, tiny_model_dir: Path) -> None:
     project = setup(tmp_path, tiny_model_dir)
     runner = CliRunner()

@@ -110,6 +110,7 @@ def train_on_own_words(project: Project, model: Path, persona_id: str, steps: in
     return folder
 
 
+@pytest.mark.slow
 def test_a_model_that_knows_the_real_words_is_told_apart_from_one_that_does_not(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
@@ -136,6 +137,7 @@ def test_a_model_that_knows_the_real_words_is_told_apart_from_one_that_does_not(
     assert sft["stage_margin"]["low"] > 0
 
 
+@pytest.mark.slow
 def test_the_eval_stage_writes_the_metrics_and_leads_the_summary_with_them(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:

@@ -17,6 +17,8 @@ from persllm.errors import UserError
 from persllm.train import dpo, export, gguf_files, sft
 from tests.test_train import ANSWERS, DPO_TRL, QUESTIONS, SFT_TRL, dialogue, know_the_answers, make_project
 
+pytestmark = pytest.mark.slow  # trained tiny models exported and loaded again: `make test-fast` skips it
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread() -> Any:

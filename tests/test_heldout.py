@@ -20,6 +20,8 @@ from persllm.persona.corpus import Chunk, reply_cut
 from persllm.persona.heldout import HoldoutRule, choose_heldout, nothing_held_out, split_stages
 from tests.fake_openai import FakeOpenAI
 
+pytestmark = pytest.mark.slow  # an annotated copy of the example: `make test-fast` skips it
+
 
 def chunk(i: int, kind: str = "style", text: str | None = None, stage: str = "s") -> Chunk:
     body = text or f"Passage number {i} about the harbour and the lamp."

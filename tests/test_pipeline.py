@@ -23,6 +23,8 @@ from persllm.train.common import system_style
 from tests.fake_openai import FakeOpenAI
 from tests.test_eval_project import make_project
 
+pytestmark = pytest.mark.slow  # whole pipeline runs on the tiny model: `make test-fast` skips it
+
 QUESTION_NUMBER = itertools.count()
 STAGES = ["index", "annotate", "curate", "pairs", "sft", "dpo", "eval"]
 

@@ -26,6 +26,8 @@ from tests.fake_openai import FakeOpenAI, Fault
 from tests.test_cli_project import run_main
 from tests.test_pipeline import pipeline_project, scripted_annotator, write_config  # noqa: F401  (fixture)
 
+pytestmark = pytest.mark.slow  # subprocesses, signals and a pipeline per test: `make test-fast` skips it
+
 PERSLLM = Path(sys.executable).parent / "persllm"
 
 

@@ -545,6 +545,7 @@ def test_api_limits_come_from_config() -> None:
     }
 
 
+@pytest.mark.slow
 def test_cli_serve(project: Project) -> None:
     runner = CliRunner()
     from persllm.cli import app

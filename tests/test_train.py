@@ -20,6 +20,8 @@ from persllm.jsonl import write_jsonl
 from persllm.prompting import split_inline
 from persllm.train import common, dpo, sft
 
+pytestmark = pytest.mark.slow  # one trained tiny model per module: `make test-fast` skips it
+
 SYSTEM = "You are Elsie Wren, lighthouse keeper's daughter of Skerrow Point."
 QUESTIONS = [
     "What is your work?",

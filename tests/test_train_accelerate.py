@@ -12,6 +12,8 @@ import yaml
 
 from tests.test_train import DPO_TRL, SFT_TRL, make_project
 
+pytestmark = pytest.mark.slow  # subprocesses that start accelerate: `make test-fast` skips it
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs" / "accelerate"
 
