@@ -8,7 +8,6 @@ import typer
 from persllm.cli.app import ConfigArg, SetOption, app, load
 from persllm.interact import chat as chat_module
 from persllm.interact import converse as converse_module
-from persllm.interact import serve as serve_module
 
 
 @app.command()
@@ -102,4 +101,6 @@ def serve(
     """
 
     project = load(config, set_options)
+    from persllm.interact import serve as serve_module  # defers fastapi
+
     serve_module.run(project, host, port, api_key_env)
