@@ -95,7 +95,6 @@ def run(
         max_items: held-out items per persona x stage (default ``eval.max_items``, else all).
     """
     started = time.monotonic()
-    laps = Laps()
 
     # ---------------------------------------------------------------- inputs
     inputs = gather_inputs(project, systems, judge, max_items)
@@ -106,6 +105,7 @@ def run(
     requests = build_requests(project, inputs, context)
 
     # ---------------------------------------------------------------- answers, likelihood, probes
+    laps = Laps()
     answers = answer(project, inputs, requests, context, laps)
 
     # ---------------------------------------------------------------- judge
