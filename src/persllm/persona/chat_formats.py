@@ -51,6 +51,11 @@ class Message:
     conversation: int = 0
 
 
+def continued(message: Message, line: str) -> Message:
+    """``message`` with a continuation line appended to its text (a turn that runs over several lines)."""
+    return replace(message, text=f"{message.text} {normalise(line)}")
+
+
 # --------------------------------------------------------------------------- layouts
 
 
@@ -120,7 +125,7 @@ def parse_transcript(path: Path, text: str) -> list[Message]:
                 Message(match.group(1).strip(), normalise(match.group(2)), number, None, conversation)
             )
         elif messages and messages[-1].conversation == conversation:
-            messages[-1] = replace(messages[-1], text=f"{messages[-1].text} {normalise(line)}")
+            messages[-1] = continued(messages[-1], line)
     return messages
 
 
@@ -163,7 +168,7 @@ def parse_whatsapp(path: Path, text: str) -> list[Message]:
                 when = whatsapp_time(match, day_first, f"{path}:{number}")
                 messages.append(Message(speaker, normalise(said), number, when))
         elif open_message and line.strip() and messages:
-            messages[-1] = replace(messages[-1], text=f"{messages[-1].text} {normalise(line)}")
+            messages[-1] = continued(messages[-1], line)
     return messages
 
 
