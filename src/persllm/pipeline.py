@@ -51,37 +51,30 @@ class Stage:
 
 
 def _run_index(project: Project, resume: bool) -> dict[str, Any]:
-
     return index.run(project)
 
 
 def _run_annotate(project: Project, resume: bool) -> dict[str, Any]:
-
     return annotate.run(project)
 
 
 def _run_curate(project: Project, resume: bool) -> dict[str, Any]:
-
     return curate.run(project)
 
 
 def _run_pairs(project: Project, resume: bool) -> dict[str, Any]:
-
     return pairs.run(project)
 
 
 def _run_sft(project: Project, resume: bool) -> dict[str, Any]:
-
     return training_counts({pid: sft.run(project, pid, resume=resume) for pid in project.personas})
 
 
 def _run_dpo(project: Project, resume: bool) -> dict[str, Any]:
-
     return training_counts({pid: dpo.run(project, pid, resume=resume) for pid in project.personas})
 
 
 def _run_eval(project: Project, resume: bool) -> dict[str, Any]:
-
     result = evaluate.run(project)
     # The metrics themselves live in eval/metrics.json; the manifest keeps what the summary shows.
     return {**result["counts"], "systems": len(result["systems"])}

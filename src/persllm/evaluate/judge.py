@@ -197,7 +197,6 @@ def judge_all(
     own = [row for row in targets if row["system"] == baseline]
 
     async def both() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-
         backend = make_backend(cfg, cache)
         try:
             first, second = await asyncio.gather(
@@ -238,7 +237,6 @@ def validity(
         orders.append((order, [candidates[i] for i in order]))
 
     async def ask_all() -> list[str]:
-
         backend = make_backend(cfg, cache)
         try:
             calls = []

@@ -231,7 +231,6 @@ def interview(
 
 def _ask_judge(judge: LLMConfig, cache: Any, params: dict[str, Any], prompts: list[str]) -> list[str]:
     async def ask_all() -> list[str]:
-
         backend = make_backend(judge, cache)
         try:
             done = await asyncio.gather(

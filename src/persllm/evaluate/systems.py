@@ -266,7 +266,6 @@ def messages_for(
 
 
 def rag_system_prompt(system: str, knowledge: str, style: str) -> str:
-
     return render(
         "rag_system",
         system=system,

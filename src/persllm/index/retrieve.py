@@ -57,11 +57,11 @@ class Context:
     style: list[Piece] = field(default_factory=list)
     seed: str | None = None
 
-    def knowledge_text(self) -> str:
-        return render(self.knowledge)
+    def knowledge_text(self, sources: bool = True) -> str:
+        return render(self.knowledge, sources)
 
-    def style_text(self) -> str:
-        return render(self.style)
+    def style_text(self, sources: bool = True) -> str:
+        return render(self.style, sources)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -76,13 +76,14 @@ class Context:
         }
 
 
-def render(pieces: list[Piece]) -> str:
-    """Pieces as ``[ref] text`` blocks separated by blank lines."""
-    return "\n\n".join(f"[{piece.ref}] {piece.text}" for piece in pieces)
+def render(pieces: list[Piece], sources: bool = True) -> str:
+    """Pieces as ``[ref] text`` blocks separated by blank lines (``text`` alone without ``sources``)."""
+    return "\n\n".join(f"[{piece.ref}] {piece.text}" if sources else piece.text for piece in pieces)
 
 
 def without_sources(text: str) -> str:
-    """Rendered pieces without their ``[ref]`` markers: what a persona model is shown. The annotator
+    """Rendered pieces (a stored annotation context) without their ``[ref]`` markers: what a persona
+    model is shown, as ``render(pieces, sources=False)`` gives it from the pieces. The annotator
     sees the sources; a model answering in character does not need file paths (in a corpus read from
     another folder they are a third of the context's tokens) and should not learn to cite them."""
     return "\n\n".join(re.sub(r"^\[[^\]\n]*\] ", "", block) for block in text.split("\n\n"))

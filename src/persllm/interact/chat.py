@@ -5,7 +5,7 @@ import sys
 from typing import TextIO
 
 from persllm.config import Project
-from persllm.index.retrieve import Retriever, without_sources
+from persllm.index.retrieve import Retriever
 from persllm.interact.models import ModelPool, best_variant, chat_ref
 from persllm.interact.session import ChatSession, RetrieveFn
 
@@ -47,7 +47,7 @@ def retriever(project: Project) -> RetrieveFn:
 
     def retrieve(persona: str, stage: str, query: str) -> tuple[str, str]:
         context = index.retrieve(persona, stage, query)
-        return without_sources(context.knowledge_text()), without_sources(context.style_text())
+        return context.knowledge_text(sources=False), context.style_text(sources=False)
 
     return retrieve
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from persllm.bundled import resolve_model
 from persllm.config.llm import LLMConfig
@@ -37,9 +37,6 @@ from persllm.llm.base import (
     stop_list,
 )
 from persllm.llm.local_stream import BatchStreamer, RowSink, read_sink
-
-if TYPE_CHECKING:
-    from persllm.llm.local_stream import RowSink
 
 BASE = BASE_ADAPTER
 DEFAULT = DEFAULT_ADAPTER

@@ -13,7 +13,6 @@ from persllm.errors import UserError
 
 
 def main() -> None:
-
     try:
         train_app(prog_name="python -m persllm.train")
     except UserError as exc:
