@@ -78,6 +78,32 @@ def test_held_out_texts_leave_every_stage_and_kind() -> None:
     assert not texts & {c.text for _, _, chunks in kept for c in chunks}
 
 
+def test_a_passage_printed_twice_or_quoted_leaves_the_index_with_it() -> None:
+    speech = (
+        "They must blow out the moral lights around us, and extinguish that greatest torch of all--pointing "
+        "the way to their rights, their liberties, and their happiness."
+    )
+    reprint = speech.replace("--", "---").replace("They must", "they must")
+    quoted = "As I said at Springfield: " + speech.split(",")[0] + ", and extinguish that greatest torch."
+    other = "A passage about the harbour that shares no long run of words with the speech at all."
+    early = [chunk(i) for i in range(9)] + [chunk(50, text=speech), chunk(51, text=reprint)]
+    late = [chunk(i, stage="t") for i in range(9)] + [
+        chunk(52, "knowledge", quoted, stage="t"),
+        chunk(53, "knowledge", other, stage="t"),
+    ]
+    for seed in range(60):
+        kept, held = split_stages([("p", "s", early), ("p", "t", late)], RULE, seed)
+        if any(c.text in (speech, reprint) for c in held[("p", "s")]):
+            break
+    else:
+        pytest.fail("no seed held out the speech")
+    held_texts = [c.text for c in held[("p", "s")]]
+    assert not {speech, reprint} <= set(held_texts)  # one copy held out, never both
+    texts = {c.text for _, _, chunks in kept for c in chunks}
+    assert speech not in texts and reprint not in texts and quoted not in texts
+    assert other in texts
+
+
 def test_reply_cut_keeps_whole_sentences() -> None:
     text = "The lamp is lit. The wind is north east and rising fast tonight. I logged it. Then I slept."
     assert reply_cut(text, 8) == "The lamp is lit."

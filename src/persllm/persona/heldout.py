@@ -4,12 +4,15 @@ Per persona and stage a seeded share of the style passages is held out. The spli
 before the index is built, so a held-out passage can never be retrieved, seed a dialogue, become a golden
 reply or enter a preference pair: the index does not contain it. Its text is also removed from every
 other chunk list of the project (a corpus that uses the same speeches as knowledge and style would
-otherwise let it back in as knowledge). What is held out is written to ``index/<persona>/<stage>/
-heldout.jsonl`` and listed in the manifest.
+otherwise let it back in as knowledge), and so is every chunk that repeats a run of its words: a speech
+printed twice with other dashes, or quoted later, would otherwise put the held-out words back in the
+index. What is held out is written to ``index/<persona>/<stage>/heldout.jsonl`` and listed in the
+manifest.
 """
 
 import logging
 import random
+import re
 from dataclasses import dataclass
 
 from persllm.errors import UserError
@@ -18,6 +21,8 @@ from persllm.persona.corpus import Chunk
 from persllm.persona.dialogue import Exchange, without_heldout
 
 log = logging.getLogger("persllm")
+
+RUN_WORDS = 12  # a shared run of this many words (case and punctuation aside) makes two texts one passage
 
 
 @dataclass(frozen=True)
@@ -71,12 +76,31 @@ def choose_heldout(chunks: list[Chunk], rule: HoldoutRule, seed: int, where: str
         return []
     rng = random.Random(int(stable_hash([seed, where, "holdout"], length=15), 16))
     rng.shuffle(style)
-    return sorted(style[:n_held], key=lambda c: (c.ref, c.id))
+    held: list[Chunk] = []
+    runs: set[str] = set()
+    for candidate in style:  # a repeat of a passage already held out would be its own decoy
+        if len(held) == n_held:
+            break
+        if not word_runs(candidate.text) & runs:
+            held.append(candidate)
+            runs |= word_runs(candidate.text)
+    return sorted(held, key=lambda c: (c.ref, c.id))
+
+
+def word_runs(text: str) -> set[str]:
+    """Every run of ``RUN_WORDS`` consecutive words of ``text``, lowercased, punctuation dropped (the
+    whole text when it is shorter)."""
+    words = re.findall(r"[^\W_]+", text.lower())
+    if len(words) <= RUN_WORDS:
+        return {" ".join(words)} if words else set()
+    return {" ".join(words[i : i + RUN_WORDS]) for i in range(len(words) - RUN_WORDS + 1)}
 
 
 def without_texts(chunks: list[Chunk], texts: set[str]) -> list[Chunk]:
-    """``chunks`` less every chunk whose text is one of ``texts`` (of any kind, stage or persona)."""
-    return [chunk for chunk in chunks if chunk.text not in texts]
+    """``chunks`` less every chunk (of any kind, stage or persona) that is one of ``texts`` or repeats
+    ``RUN_WORDS`` consecutive words of one."""
+    runs = set().union(*(word_runs(text) for text in texts)) if texts else set()
+    return [chunk for chunk in chunks if chunk.text not in texts and not word_runs(chunk.text) & runs]
 
 
 def split_stages(
