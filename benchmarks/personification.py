@@ -12,10 +12,9 @@ Inter, with and without DPO) and whether each target was met.
 ``small`` (what ``make bench`` runs, about 60 minutes here with the robustness probes): 8 held-out
 passages and 16 own-words dialogues per stage. ``full`` (at most 2 hours on 2 cores): 15 held-out
 passages and 40 dialogues per stage, two samples per item. ``power`` (the size the fidelity targets
-need): 100 held-out passages per stage (400) scored by likelihood against decoys and under each stage,
-30 per stage (120) also answered, 180 own-words dialogues planned per stage (at least 150 reach
-training after curation); with the evaluation in bfloat16 it took 119 min from cached annotations, about
-133 min from an empty folder (benchmarks/results.md). Progress lines pass through to stderr. Every
+need): 100 held-out passages per stage (400, from 105 held out) scored by likelihood against decoys and
+under each stage, 30 per stage (120) also answered, 180 own-words dialogues planned per stage (145 to 163
+reached training after curation); 95 min from an empty folder (benchmarks/results.md). Progress lines pass through to stderr. Every
 model call is cached in the run folder, so a re-run only pays for what changed; ``--fresh`` starts from
 an empty run folder. Prints a table and writes benchmarks/out/personification.json.
 """
