@@ -9,6 +9,7 @@ import pytest
 from persllm.annotate import run
 from persllm.annotate.parse import debris
 from persllm.config import Project, load_project
+from persllm.config.stages import AnnotateSettings, IndexSettings
 from persllm.jsonl import read_jsonl
 from tests.test_annotate_run import write_project
 
@@ -18,7 +19,7 @@ def indexed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from persllm.index import run as build_index
 
     root = tmp_path_factory.mktemp("ferry-local")
-    build_index(load_project(write_project(root)))
+    build_index(*IndexSettings.of_project(load_project(write_project(root))))
     return root
 
 
@@ -59,7 +60,7 @@ def test_tiny_model_end_to_end_through_two_step(indexed: Path, tmp_path: Path, t
             "annotator.concurrency": 2,
         },
     )
-    first = run(project, limit=2, progress=False)
+    first = run(*AnnotateSettings.of_project(project), limit=2, progress=False)
     # Whatever the tiny model writes, every written record parses cleanly and nothing malformed is kept.
     assert first["done"] + sum(first["failed"].values()) == 2
     assert first["done"] >= 1, first
@@ -67,7 +68,7 @@ def test_tiny_model_end_to_end_through_two_step(indexed: Path, tmp_path: Path, t
     # Two-step: per attempt an analysis call and a response call, after the user-input call(s).
     assert first["calls"] >= 3 * first["done"]
     (project.run_dir / "annotations" / "ada.jsonl").unlink()
-    again = run(project, limit=2, progress=False)
+    again = run(*AnnotateSettings.of_project(project), limit=2, progress=False)
     assert again["calls"] == again["cached_calls"] == first["calls"]  # the local model is cached too
     assert sorted(r["id"] for r in check_records(project, first["done"])) == sorted(r["id"] for r in rows)
 
@@ -85,7 +86,7 @@ def test_smollm2_writes_a_parsed_record_through_the_fallback(indexed: Path, tmp_
             "annotate.own_words_share": {"ordinary": 0.0, "opinion": 0.0},
         },
     )
-    result = run(project, limit=1, progress=False)
+    result = run(*AnnotateSettings.of_project(project), limit=1, progress=False)
     assert result["done"] == 1, result
     (row,) = check_records(project, 1)
     assistant = row["turns"][1]

@@ -21,6 +21,7 @@ from persllm.annotate import run
 from persllm.annotate.engine import Annotator
 from persllm.annotate.plan import plan_items
 from persllm.config import Project, load_project
+from persllm.config.stages import AnnotateSettings, IndexSettings
 from persllm.hashing import stable_hash
 from persllm.index.retrieve import Retriever
 from persllm.jsonl import read_jsonl
@@ -94,7 +95,7 @@ def indexed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from persllm.index import run as build_index
 
     root = tmp_path_factory.mktemp("ferry-template")
-    build_index(load_project(write_project(root)))
+    build_index(*IndexSettings.of_project(load_project(write_project(root))))
     return root
 
 
@@ -143,7 +144,7 @@ def records(project: Project) -> list[dict[str, Any]]:
 def test_records_have_the_schema_and_parsed_replies(project_dir: Path) -> None:
     with FakeOpenAI(default_reply=annotator_reply) as server:
         project = load(project_dir, server)
-        result = run(project, progress=False)
+        result = run(*AnnotateSettings.of_project(project), progress=False)
     rows = records(project)
     assert result["planned"] == 8 and result["done"] == 8 and len(rows) == 8
     assert result["status"] == "done" and result["failed"] == {"ordinary": 0, "misleading": 0, "opinion": 0}
@@ -187,7 +188,7 @@ def test_records_have_the_schema_and_parsed_replies(project_dir: Path) -> None:
 def test_structured_output_request_shape_and_time_phrase(project_dir: Path) -> None:
     with FakeOpenAI(default_reply=annotator_reply) as server:
         project = load(project_dir, server)
-        run(project, progress=False)
+        run(*AnnotateSettings.of_project(project), progress=False)
         bodies = list(server.requests)
     inputs = [b for b in bodies if "Write only the visitor's words" in user_text(b)]
     replies = [b for b in bodies if b.get("response_format")]
@@ -211,15 +212,15 @@ def test_structured_output_request_shape_and_time_phrase(project_dir: Path) -> N
 def test_second_run_is_served_from_the_cache(project_dir: Path) -> None:
     with FakeOpenAI(default_reply=annotator_reply) as server:
         project = load(project_dir, server)
-        first = run(project, progress=False)
+        first = run(*AnnotateSettings.of_project(project), progress=False)
         before = records(project)
         sent = len(server.requests)
         # Nothing left to do: no item is even started.
-        again = run(project, progress=False)
+        again = run(*AnnotateSettings.of_project(project), progress=False)
         assert again["done"] == 0 and again["skipped"] == 8 and again["calls"] == 0
         # The annotations lost: every call is answered from cache.sqlite, none reaches the server.
         (project.run_dir / "annotations" / "ada.jsonl").unlink()
-        cached = run(project, progress=False)
+        cached = run(*AnnotateSettings.of_project(project), progress=False)
         assert len(server.requests) == sent
     assert first["calls"] == sent and first["cached_calls"] == 0
     assert cached["done"] == 8 and cached["calls"] == sent and cached["cached_calls"] == sent
@@ -229,8 +230,8 @@ def test_second_run_is_served_from_the_cache(project_dir: Path) -> None:
 def test_resume_skips_finished_items(project_dir: Path) -> None:
     with FakeOpenAI(default_reply=annotator_reply) as server:
         project = load(project_dir, server)
-        first = run(project, limit=3, progress=False)
-        second = run(project, progress=False)
+        first = run(*AnnotateSettings.of_project(project), limit=3, progress=False)
+        second = run(*AnnotateSettings.of_project(project), progress=False)
     assert first["done"] == 3 and first["status"] == "partial"
     assert second["skipped"] == 3 and second["done"] == 5 and second["status"] == "done"
     ids = [r["id"] for r in records(project)]
@@ -243,7 +244,7 @@ def test_malformed_outputs_are_retried_counted_and_never_written(project_dir: Pa
 
     with FakeOpenAI(default_reply=broken) as server:
         project = load(project_dir, server)
-        result = run(project, progress=False)
+        result = run(*AnnotateSettings.of_project(project), progress=False)
         assert len(server.requests) == 8 * (1 + 3)  # one user input + max_attempts replies per item
     assert result["done"] == 0 and result["failed"] == {"ordinary": 4, "misleading": 2, "opinion": 2}
     assert result["malformed"] == {"unparseable": 24}
@@ -263,7 +264,7 @@ def test_a_retry_recovers_with_a_new_sample(project_dir: Path) -> None:
     with FakeOpenAI(default_reply=annotator_reply) as server:
         server.queue("Why did the Heron stop running?", "not json", debris, good)
         project = load(project_dir, server)
-        result = run(project, limit=1, concurrency=1, progress=False)
+        result = run(*AnnotateSettings.of_project(project), limit=1, concurrency=1, progress=False)
         assert len(server.requests) == 4
     assert result["done"] == 1 and result["malformed"] == {"unparseable": 1, "debris": 1}
     (row,) = records(project)
@@ -276,7 +277,7 @@ def test_without_structured_output_delimiters_then_two_step(project_dir: Path) -
         # First reply attempt (delimited) answers without labels; the two-step fallback then succeeds.
         server.queue("How deep is Lake Marrow?", "It is deep, I suppose.")
         project = load(project_dir, server, **{"annotator.structured_output": "'off'"})
-        result = run(project, limit=2, concurrency=1, progress=False)
+        result = run(*AnnotateSettings.of_project(project), limit=2, concurrency=1, progress=False)
         bodies = list(server.requests)
     assert result["done"] == 2 and result["malformed"] == {"missing_label": 1}
     assert not any("response_format" in body for body in bodies)
@@ -298,7 +299,7 @@ def test_multi_turn_dialogues_have_follow_ups(project_dir: Path) -> None:
         project = load(
             project_dir, server, **{"annotate.multi_turn_share": 1.0, "annotate.max_follow_ups": 2}
         )
-        result = run(project, progress=False)
+        result = run(*AnnotateSettings.of_project(project), progress=False)
         bodies = list(server.requests)
     rows = records(project)
     assert result["done"] == 8
@@ -321,17 +322,19 @@ def test_multi_turn_dialogues_have_follow_ups(project_dir: Path) -> None:
 
 def test_planning_is_deterministic_and_grows_by_appending(project_dir: Path) -> None:
     project = load_project(project_dir / "persllm.yaml")
-    retriever = Retriever(project)
+    retriever = Retriever.of(project)
     stages = {"ada": ["mate", "master"]}
-    first = plan_items(project, retriever.chunks, ["ada"], stages)
-    again = plan_items(project, retriever.chunks, ["ada"], stages)
+    first = plan_items(AnnotateSettings.of(project.config), retriever.chunks, ["ada"], stages)
+    again = plan_items(AnnotateSettings.of(project.config), retriever.chunks, ["ada"], stages)
     assert [i.id for i in first] == [i.id for i in again]
     assert [i.index for i in first] == [0] * 6 + [1] * 2  # interleaved: a limit takes a spread
     bigger = load_project(project_dir / "persllm.yaml", {"annotate.counts.ordinary": 5, "seed": 3})
-    grown = plan_items(bigger, retriever.chunks, ["ada"], stages)
+    grown = plan_items(AnnotateSettings.of(bigger.config), retriever.chunks, ["ada"], stages)
     assert {i.id for i in first} < {i.id for i in grown} and len(grown) == 14
     reseeded = load_project(project_dir / "persllm.yaml", {"seed": 4})
-    assert {i.id for i in plan_items(reseeded, retriever.chunks, ["ada"], stages)} != {i.id for i in first}
+    assert {
+        i.id for i in plan_items(AnnotateSettings.of(reseeded.config), retriever.chunks, ["ada"], stages)
+    } != {i.id for i in first}
     opinions = [i for i in grown if i.kind == "opinion"]
     assert all(i.stance in ("agree", "differ", "conflict") for i in opinions)
     assert all(i.stance == "" for i in grown if i.kind != "opinion")
@@ -340,8 +343,14 @@ def test_planning_is_deterministic_and_grows_by_appending(project_dir: Path) -> 
 def test_reply_is_public_for_regeneration_as_another_stage(project_dir: Path) -> None:
     with FakeOpenAI(default_reply=annotator_reply) as server:
         project = load(project_dir, server)
-        retriever = Retriever(project)
-        annotator = Annotator(project, make_backend(project.config.annotator), retriever)
+        retriever = Retriever.of(project)
+        annotator = Annotator(
+            project.workspace,
+            project.config.annotator,
+            project.config.annotate,
+            make_backend(project.config.annotator),
+            retriever,
+        )
         turns = [{"role": "user", "content": "Were the quay lamps electric?"}]
         reply = run_sync(annotator.reply("ada", "mate", turns, seed=None, n_sample=1))
         other = run_sync(annotator.reply("ada", "master", turns, seed=None, n_sample=1))
@@ -360,7 +369,7 @@ def test_retrieval_queue_batches_and_keeps_errors_per_request(project_dir: Path)
     from persllm.errors import UserError
 
     project = load_project(project_dir / "persllm.yaml")
-    retriever = Retriever(project)
+    retriever = Retriever.of(project)
     queue = RetrievalQueue(retriever)
     seed = retriever.chunks("ada", "mate")[1]
     queries = [f"How often did the Heron cross in winter, question {i}?" for i in range(12)]
@@ -387,7 +396,7 @@ def test_retrieval_queue_on_parallel_workers_matches_direct_retrieval(project_di
     from persllm.annotate.retrieval import RetrievalQueue
 
     project = load_project(project_dir / "persllm.yaml")
-    retriever = Retriever(project)
+    retriever = Retriever.of(project)
     queue = RetrievalQueue(retriever, workers=3, max_batch=4)
     seeds = retriever.chunks("ada", "mate") + retriever.chunks("ada", "master")
     asks = [(s.stage, f"What happened on the lake, question {i}?", s) for i, s in enumerate(seeds * 3)]
@@ -409,12 +418,12 @@ def test_parallel_retrieval_workers_write_the_same_records(
     with FakeOpenAI(default_reply=annotator_reply) as server:
         project = load(project_dir, server, **{"annotator.concurrency": 8})
         monkeypatch.setattr(encoder, "query_workers", lambda cfg: 1)
-        first = run(project, progress=False)
+        first = run(*AnnotateSettings.of_project(project), progress=False)
         serial = sorted(records(project), key=lambda r: r["id"])
         shutil.rmtree(project.run_dir / "annotations")
         encoder.clear_query_cache()  # embed every query again, on three workers this time
         monkeypatch.setattr(encoder, "query_workers", lambda cfg: 3)
-        again = run(project, progress=False)
+        again = run(*AnnotateSettings.of_project(project), progress=False)
         calls = len(server.requests)
     assert first["done"] == again["done"] == 8 and again["cached_calls"] == again["calls"]
     assert calls == first["calls"]  # the second run's calls all came from the cache
@@ -488,7 +497,7 @@ def test_server_down_is_one_line_error(project_dir: Path) -> None:
             server.queue(Fault(status=500))
         project = load(project_dir, server, **{"annotator.max_retries": 0})
         with pytest.raises(Exception, match="failed after 1 attempts") as info:
-            run(project, concurrency=2, progress=False)
+            run(*AnnotateSettings.of_project(project), concurrency=2, progress=False)
     assert type(info.value).__name__ == "LLMError"
     manifest = json.loads((project.run_dir / "manifest.json").read_text())
     assert manifest["stages"]["annotate"]["status"] == "interrupted"
@@ -530,11 +539,17 @@ def test_kill_9_then_resume_writes_every_item_exactly_once(project_dir: Path) ->
         project = load(
             project_dir, server, **{"annotate.counts": {"ordinary": 6, "misleading": 3, "opinion": 3}}
         )
-        summary = run(project, concurrency=4, progress=False)
+        summary = run(*AnnotateSettings.of_project(project), concurrency=4, progress=False)
     assert summary["skipped"] == written and summary["done"] == 24 - written and summary["status"] == "done"
     rows = read_jsonl(annotations, strict=True)
     planned = {
-        i.id for i in plan_items(project, Retriever(project).chunks, ["ada"], {"ada": ["mate", "master"]})
+        i.id
+        for i in plan_items(
+            AnnotateSettings.of(project.config),
+            Retriever.of(project).chunks,
+            ["ada"],
+            {"ada": ["mate", "master"]},
+        )
     }
     assert sorted(r["id"] for r in rows) == sorted(planned)
 

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from persllm.config import Project, load_project
 from persllm.config.llm import LLMConfig
+from persllm.config.stages import IndexSettings
 from persllm.interact import chat
 from persllm.interact.models import ModelPool, Speaker, chat_ref
 from persllm.interact.session import ChatSession
@@ -167,7 +168,7 @@ def test_terminal_loop(project: Project, tmp_path: Path) -> None:
 def test_retrieval_adds_persona_material(project: Project, pool: ModelPool) -> None:
     from persllm.index.run import run as build_index
 
-    build_index(project, ["elsie"])
+    build_index(*IndexSettings.of_project(project), ["elsie"])
     chat_session = session(project, pool, retrieve=chat.retriever(project))
     system = chat_session.messages("Tell me about the lamp.")[0]["content"]
     assert "What you know at this point in your life:" in system

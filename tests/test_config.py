@@ -149,8 +149,8 @@ def test_valid_project_loads(project: Path) -> None:
     assert [stage.label for stage in ada.stages] == ["<TIME-I>", "<TIME-II>"]
     assert ada.stages[1].inherits and not ada.stages[0].inherits
     assert loaded.run_dir == project.parent.resolve() / "runs" / "demo"
-    assert [p.name for p in loaded.stage_files("ada", "young", "knowledge")] == ["bio.md"]
-    assert loaded.stage_files("ada", "older", "knowledge") == []
+    assert [p.name for p in loaded.workspace.stage_files("ada", "young", "knowledge")] == ["bio.md"]
+    assert loaded.workspace.stage_files("ada", "older", "knowledge") == []
 
 
 def test_precedence_defaults_then_yaml_then_set(project: Path) -> None:

@@ -36,7 +36,9 @@ def make_project(
 
 
 def chunks_of(config: Path) -> list[Chunk]:
-    return read_stage_chunks(load_project(config), "ada", "young")
+    return read_stage_chunks(
+        load_project(config).workspace, load_project(config).config.corpus, "ada", "young"
+    )
 
 
 # --------------------------------------------------------------------------- pure functions

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from persllm import curate
 from persllm.config import CurateConfig, EmbedderConfig, PersonaConfig, load_project
+from persllm.config.stages import CurateSettings
 from persllm.curate.dedup import dedup
 from persllm.curate.filters import check_record, echo_share, word_overlap
 from persllm.curate.split import held_out_count, split_records
@@ -313,7 +314,7 @@ def test_an_annotator_that_cannot_write_the_persona_stops_curation_with_one_line
     path = make_project(tmp_path, {"elsie": good + bad, "jonah": many("jonah", "sailor", n=3)})
     project = load_project(path, {"curate.cot": "none", "curate.annotator_min_kept": 0.5})
     with pytest.raises(UserError) as caught:
-        curate.run(project)
+        curate.run(*CurateSettings.of_project(project))
     message = str(caught.value)
     assert "only 3 of 11 dialogues it wrote for 'elsie' passed the checks" in message
     assert "not_addressed 4" in message and "ungrounded 4" in message and "stronger annotator" in message
@@ -322,7 +323,11 @@ def test_an_annotator_that_cannot_write_the_persona_stops_curation_with_one_line
     stats = json.loads((project.run_dir / "data" / "elsie" / "stats.json").read_text())["curate"]
     assert stats["removed"]["ungrounded"] == 4 and stats["removed"]["not_addressed"] == 4
     # A lower bar lets the same material through, the failures still counted.
-    summary = curate.run(load_project(path, {"curate.cot": "none", "curate.annotator_min_kept": 0.2}))
+    summary = curate.run(
+        *CurateSettings.of_project(
+            load_project(path, {"curate.cot": "none", "curate.annotator_min_kept": 0.2})
+        )
+    )
     assert (
         summary["personas"]["elsie"]["kept"] == 3
         and summary["personas"]["elsie"]["removed"]["ungrounded"] == 4
@@ -345,7 +350,7 @@ def test_run_counts_each_filter_and_writes_rows(tmp_path: Path) -> None:
     ]
     path = make_project(tmp_path, {"elsie": records, "jonah": many("jonah", "sailor", n=3)})
     project = load_project(path, {"curate.max_response_words": 60})
-    summary = curate.run(project)
+    summary = curate.run(*CurateSettings.of_project(project))
 
     stats = json.loads((project.run_dir / "data" / "elsie" / "stats.json").read_text())["curate"]
     assert stats == summary["personas"]["elsie"]
@@ -386,7 +391,7 @@ def test_dedup_with_real_encoder_is_used_in_the_split(tmp_path: Path) -> None:
     records.append(record("dup-late", near[1], stage="engineer"))
     path = make_project(tmp_path / "p", {"elsie": records})
     project = load_project(path, {"curate.test_fraction": 0.5})
-    stats = curate.run(project, ["elsie"])["personas"]["elsie"]
+    stats = curate.run(*CurateSettings.of_project(project), ["elsie"])["personas"]["elsie"]
     assert stats["removed"]["duplicate"] == 1
     assert stats["by_stratum"]["engineer/ordinary"]["removed"]["duplicate"] == 1
     rows = read_jsonl(project.run_dir / "data" / "elsie" / "sft_train.jsonl")
@@ -395,7 +400,12 @@ def test_dedup_with_real_encoder_is_used_in_the_split(tmp_path: Path) -> None:
     assert "dup-late" not in ids and "elsie-keeper-ordinary-0" in ids and len(ids) == 6
     # Not a duplicate at a stricter threshold than the pair's cosine.
     project = load_project(path, {"curate.dedup_threshold": 0.9999, "curate.test_fraction": 0.5})
-    assert curate.run(project, ["elsie"])["personas"]["elsie"]["removed"]["duplicate"] == 0
+    assert (
+        curate.run(*CurateSettings.of_project(project), ["elsie"])["personas"]["elsie"]["removed"][
+            "duplicate"
+        ]
+        == 0
+    )
 
 
 def test_rows_have_system_prompt_stage_token_and_inline_cot(tmp_path: Path) -> None:
@@ -413,7 +423,7 @@ def test_rows_have_system_prompt_stage_token_and_inline_cot(tmp_path: Path) -> N
     )
     path = make_project(tmp_path, {"elsie": [multi, *many(n=2)]})
     project = load_project(path, {"curate.test_fraction": 0.0, "curate.min_response_words": 3})
-    curate.run(project, ["elsie"])
+    curate.run(*CurateSettings.of_project(project), ["elsie"])
     rows = {r["meta"]["id"]: r for r in read_jsonl(project.run_dir / "data" / "elsie" / "sft_train.jsonl")}
     row = rows["multi"]
     assert row["meta"] == {
@@ -444,7 +454,7 @@ def test_rows_have_system_prompt_stage_token_and_inline_cot(tmp_path: Path) -> N
     project = load_project(
         path, {"curate.test_fraction": 0.0, "curate.cot": "none", "curate.min_response_words": 3}
     )
-    curate.run(project, ["elsie"])
+    curate.run(*CurateSettings.of_project(project), ["elsie"])
     rows = {r["meta"]["id"]: r for r in read_jsonl(project.run_dir / "data" / "elsie" / "sft_train.jsonl")}
     assert [m["content"] for m in rows["multi"]["messages"][2::2]] == [
         multi["turns"][1]["content"],
@@ -456,7 +466,7 @@ def test_rows_have_system_prompt_stage_token_and_inline_cot(tmp_path: Path) -> N
     project = load_project(
         path, {"curate.test_fraction": 0.0, "curate.system_prompt": "brief", "curate.min_response_words": 3}
     )
-    curate.run(project, ["elsie"])
+    curate.run(*CurateSettings.of_project(project), ["elsie"])
     rows = {r["meta"]["id"]: r for r in read_jsonl(project.run_dir / "data" / "elsie" / "sft_train.jsonl")}
     assert rows["multi"]["messages"][0]["content"] == "You are Elsie Wren.\nIt is 1905, in Carrow Bay."
     stats = json.loads((project.run_dir / "data" / "elsie" / "stats.json").read_text())
@@ -472,7 +482,10 @@ def test_run_split_is_deterministic_and_stratified(tmp_path: Path) -> None:
     path = make_project(tmp_path, {"elsie": records})
 
     def test_ids(seed: int) -> list[str]:
-        curate.run(load_project(path, {"seed": seed, "curate.dedup_threshold": 0.999}), ["elsie"])
+        curate.run(
+            *CurateSettings.of_project(load_project(path, {"seed": seed, "curate.dedup_threshold": 0.999})),
+            ["elsie"],
+        )
         return [r["meta"]["id"] for r in read_jsonl(tmp_path / "runs" / "data" / "elsie" / "sft_test.jsonl")]
 
     first = test_ids(5)
@@ -490,7 +503,9 @@ def test_repeat_and_general_data_mix_into_train_only(tmp_path: Path) -> None:
     path = make_project(tmp_path, {"elsie": many(n=10)})
     write_jsonl(tmp_path / "general.jsonl", general)
     overrides = {"curate.repeat": 2, "curate.general_data": "general.jsonl", "curate.general_ratio": 0.5}
-    stats = curate.run(load_project(path, overrides), ["elsie"])["personas"]["elsie"]
+    stats = curate.run(*CurateSettings.of_project(load_project(path, overrides)), ["elsie"])["personas"][
+        "elsie"
+    ]
     train = read_jsonl(tmp_path / "runs" / "data" / "elsie" / "sft_train.jsonl")
     test = read_jsonl(tmp_path / "runs" / "data" / "elsie" / "sft_test.jsonl")
     personified = [r for r in train if r["meta"]["kind"] != "general"]
@@ -511,17 +526,17 @@ def test_bad_general_line_is_a_user_error_naming_file_and_line(tmp_path: Path) -
     (tmp_path / "general.jsonl").write_text(f"{good}\n{bad}\n")
     overrides = {"curate.general_data": "general.jsonl", "curate.general_ratio": 1.0}
     with pytest.raises(UserError, match=r"general\.jsonl:2: messages\[0\]: role"):
-        curate.run(load_project(path, overrides), ["elsie"])
+        curate.run(*CurateSettings.of_project(load_project(path, overrides)), ["elsie"])
     assert not (tmp_path / "runs" / "data").exists()
     (tmp_path / "general.jsonl").write_text(f"{good}\n{{oops\n")
     with pytest.raises(UserError, match=r"general\.jsonl:2: not valid JSON"):
-        curate.run(load_project(path, overrides), ["elsie"])
+        curate.run(*CurateSettings.of_project(load_project(path, overrides)), ["elsie"])
 
 
 def test_missing_annotations_is_a_user_error(tmp_path: Path) -> None:
     path = make_project(tmp_path, {"elsie": many(n=3)})
     with pytest.raises(UserError, match=r"jonah\.jsonl: no annotations .* `persllm annotate` first"):
-        curate.run(load_project(path))
+        curate.run(*CurateSettings.of_project(load_project(path)))
 
 
 def test_stats_keep_other_stages_keys(tmp_path: Path) -> None:
@@ -529,7 +544,7 @@ def test_stats_keep_other_stages_keys(tmp_path: Path) -> None:
     stats_path = tmp_path / "runs" / "data" / "elsie" / "stats.json"
     stats_path.parent.mkdir(parents=True)
     stats_path.write_text(json.dumps({"pairs": {"total": 4}}))
-    curate.run(load_project(path), ["elsie"])
+    curate.run(*CurateSettings.of_project(load_project(path)), ["elsie"])
     stats = json.loads(stats_path.read_text())
     assert stats["pairs"] == {"total": 4} and stats["curate"]["kept"] == 3
 
@@ -610,7 +625,7 @@ def test_off_topic_questions_are_counted_and_own_words_always_train(tmp_path: Pa
     ]
     path = make_project(tmp_path, {"elsie": records, "jonah": many("jonah", "sailor", n=3)})
     project = load_project(path, {"curate.cot": "none", "curate.test_fraction": 0.5})
-    stats = curate.run(project)["personas"]["elsie"]
+    stats = curate.run(*CurateSettings.of_project(project))["personas"]["elsie"]
     assert stats["removed"]["off_topic"] == 1 and stats["kept"] == 6
     train = {r["meta"]["id"] for r in read_jsonl(project.run_dir / "data" / "elsie" / "sft_train.jsonl")}
     test = {r["meta"]["id"] for r in read_jsonl(project.run_dir / "data" / "elsie" / "sft_test.jsonl")}

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from persllm.config.stages import AnnotateSettings, CurateSettings, EvalSettings, IndexSettings
 from persllm.errors import UserError
 from persllm.persona.chat_formats import Message, read_messages
 from persllm.persona.dialogue import Exchange, exchanges_of, without_heldout
@@ -288,9 +289,9 @@ def talked(tmp_path_factory: pytest.TempPathFactory) -> Any:
     with FakeOpenAI(default_reply=back_writer) as server:
         configure(root / "persllm.yaml", server.base_url)
         project = load_project(root / "persllm.yaml")
-        built = index.run(project)
-        annotated = annotate.run(project, progress=False)
-        curate.run(project)
+        built = index.run(*IndexSettings.of_project(project))
+        annotated = annotate.run(*AnnotateSettings.of_project(project), progress=False)
+        curate.run(*CurateSettings.of_project(project))
     return project, built, annotated
 
 
@@ -325,7 +326,7 @@ def test_real_exchanges_train_as_they_are_and_held_out_ones_are_asked_as_they_we
     # The evaluation asks the real turns before the reply; the trained system sees the label first.
     items = [
         i
-        for i in load_heldout_items(project, None)
+        for i in load_heldout_items(*EvalSettings.of_project(project), None)
         if i.reference in {r["turns"][-1]["content"] for r in held}
     ]
     assert len(items) == len(held)
@@ -345,7 +346,7 @@ def test_rerunning_annotate_writes_no_real_exchange_twice(talked: Any) -> None:
 
     project, _, _ = talked
     before = len(read_jsonl(project.layout.dialogues("elsie")))
-    again = annotate.run(project, progress=False)
+    again = annotate.run(*AnnotateSettings.of_project(project), progress=False)
     assert again["real_dialogues"]["dialogue"] == 0 and again["real_dialogues"]["heldout"] == 0
     assert len(read_jsonl(project.layout.dialogues("elsie"))) == before
 

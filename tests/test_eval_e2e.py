@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from persllm.cli import app
 from persllm.config import Project, load_project
+from persllm.config.stages import EvalSettings, IndexSettings
 from persllm.jsonl import read_jsonl
 from tests.fake_openai import FakeOpenAI
 from tests.test_eval_personality import questionnaire
@@ -116,7 +117,9 @@ def setup(tmp_path: Path, model: Path, remote: str = "", judge: str = "") -> Pro
     if remote:
         from persllm import index
 
-        index.run(project)  # rag re-retrieves for the records whose annotation is gone
+        index.run(
+            *IndexSettings.of_project(project)
+        )  # rag re-retrieves for the records whose annotation is gone
     return project
 
 
@@ -181,7 +184,7 @@ def test_a_full_evaluation_with_judge_questionnaire_and_cache(tmp_path: Path, ti
         FakeOpenAI(default_reply=judge_reply) as judge,
     ):
         project = setup(tmp_path, tiny_model_dir, remote.base_url, judge.base_url)
-        result = evaluate.run(project)
+        result = evaluate.run(*EvalSettings.of_project(project))
         judged_calls = len(judge.requests)
 
         # Outputs on disk.
@@ -244,7 +247,7 @@ def test_a_full_evaluation_with_judge_questionnaire_and_cache(tmp_path: Path, ti
         assert manifest["stages"]["eval"]["systems"] == ["prompt", "rag", "sft", "remote"]
 
         # A re-run is served from the cache: same generations, no new judge calls.
-        again = evaluate.run(project)
+        again = evaluate.run(*EvalSettings.of_project(project))
         assert len(judge.requests) == judged_calls
         rows_again = read_jsonl(out / "generations.jsonl")
         assert all(r["cached"] for r in rows_again)

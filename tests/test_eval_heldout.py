@@ -7,6 +7,7 @@ from typing import Any
 
 from persllm.cli.run import headline
 from persllm.config import load_project
+from persllm.config.stages import EvalSettings
 from persllm.evaluate import report, scores
 from persllm.evaluate.systems import load_heldout_items
 from persllm.index.encoder import embed
@@ -50,7 +51,9 @@ def heldout_rows(n_items: int) -> list[dict[str, Any]]:
 def test_heldout_metrics_have_paired_intervals_and_a_reference_row(tmp_path: Path) -> None:
     project = load_project(make_project(tmp_path, {"backend": "transformers", "model": "none"}))
     rows = heldout_rows(32)
-    scored = scores.score(project, rows, lambda texts: embed(texts, project.config.embedder), "prompt")
+    scored = scores.score(
+        *EvalSettings.of_project(project), rows, lambda texts: embed(texts, project.config.embedder), "prompt"
+    )
     sft, prompt = scored["systems"]["sft"], scored["systems"]["prompt"]
     assert "overall" not in sft  # no golden rows given
     for name in ("bleu", "rouge_l", "style_fidelity", "persona_acc", "stage_acc"):
@@ -69,7 +72,9 @@ def test_heldout_metrics_have_paired_intervals_and_a_reference_row(tmp_path: Pat
 def test_report_and_summary_show_intervals_and_mark_differences(tmp_path: Path) -> None:
     project = load_project(make_project(tmp_path, {"backend": "transformers", "model": "none"}))
     rows = heldout_rows(12)
-    scored = scores.score(project, rows, lambda texts: embed(texts, project.config.embedder), "prompt")
+    scored = scores.score(
+        *EvalSettings.of_project(project), rows, lambda texts: embed(texts, project.config.embedder), "prompt"
+    )
     metrics = {
         "settings": {"systems": ["prompt", "sft"], "baseline": "prompt", "resamples": 1000},
         "counts": {"items": 12, "golden_items": 0, "heldout_items": 12, "generations": 24},
@@ -102,7 +107,7 @@ def test_heldout_items_are_read_with_the_persona_prompt(tmp_path: Path) -> None:
         "reply": {"source": "heldout", "ref": "corpus/elsie/keeper/style.txt:1", "question": "topic"},
     }
     write_jsonl(project.run_dir / "annotations" / "heldout" / "elsie.jsonl", [record])
-    items = load_heldout_items(project, None)
+    items = load_heldout_items(*EvalSettings.of_project(project), None)
     assert [(i.id, i.set, i.question, i.reference) for i in items] == [
         ("q1", "heldout", "What can you tell me about the lamp?", "I keep the light.")
     ]

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from persllm.config import Project, load_project
 from persllm.config.llm import LLMConfig
+from persllm.config.stages import EvalSettings
 from persllm.evaluate import likelihood
 from persllm.evaluate.systems import load_heldout_items, messages_for, plan_systems, retrieval_context
 from persllm.jsonl import write_jsonl
@@ -86,10 +87,10 @@ def train_on_own_words(project: Project, model: Path, persona_id: str, steps: in
         AutoModelForCausalLM.from_pretrained(model),
         LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
     )
-    trained = plan_systems(project, ["prompt"])[0][0]
+    trained = plan_systems(*EvalSettings.of_project(project), ["prompt"])[0][0]
     trained.mode = "trained"
     texts = []
-    for item in load_heldout_items(project, None):
+    for item in load_heldout_items(*EvalSettings.of_project(project), None):
         if item.persona == persona_id:
             messages = messages_for(trained, item)
             texts.append(
@@ -117,9 +118,16 @@ def test_a_model_that_knows_the_real_words_is_told_apart_from_one_that_does_not(
     project = heldout_project(tmp_path, tiny_model_dir)
     for persona_id in project.personas:
         train_on_own_words(project, tiny_model_dir, persona_id)
-    systems, skipped = plan_systems(project, ["prompt", "sft"])
-    items = load_heldout_items(project, None)
-    result = likelihood.run(project, systems, items, retrieval_context(project), {}, skipped)
+    systems, skipped = plan_systems(*EvalSettings.of_project(project), ["prompt", "sft"])
+    items = load_heldout_items(*EvalSettings.of_project(project), None)
+    result = likelihood.run(
+        *EvalSettings.of_project(project),
+        systems,
+        items,
+        retrieval_context(*EvalSettings.of_project(project)),
+        {},
+        skipped,
+    )
 
     assert result["counts"]["items"] == 16
     assert result["counts"]["decoys"] == {"other_stage": 16, "other_persona": 16, "same_stage": 16}
@@ -178,22 +186,38 @@ def test_what_cannot_be_scored_says_why(tmp_path: Path, tiny_model_dir: Path) ->
             }
         },
     )
-    systems, skipped = plan_systems(project, ["prompt", "remote"])
+    systems, skipped = plan_systems(*EvalSettings.of_project(project), ["prompt", "remote"])
     one_stage = [
-        item for item in load_heldout_items(project, None) if item.stage in ("keeper", "schoolmaster")
+        item
+        for item in load_heldout_items(*EvalSettings.of_project(project), None)
+        if item.stage in ("keeper", "schoolmaster")
     ]
     # Items of one stage per persona still get their other stages' prompts; a persona with one stage
     # has none, which the stage metrics leave empty.
     for persona in project.personas.values():
         persona.stages = persona.stages[:1]
-    result = likelihood.run(project, systems, one_stage, retrieval_context(project), {}, skipped)
+    result = likelihood.run(
+        *EvalSettings.of_project(project),
+        systems,
+        one_stage,
+        retrieval_context(*EvalSettings.of_project(project)),
+        {},
+        skipped,
+    )
     assert "prompt log-probabilities" in skipped["remote (likelihood)"]
     assert "one stage" in skipped["stage discrimination"]
     assert list(result["systems"]) == ["prompt"]
     assert result["systems"]["prompt"]["stage_wins"]["value"] is None
     assert result["systems"]["prompt"]["heldout_nll"]["n"] == 8
     assert result["counts"]["decoys"]["other_stage"] == 0  # no other stage to draw a decoy from
-    none = likelihood.run(project, systems, [], retrieval_context(project), {}, {})
+    none = likelihood.run(
+        *EvalSettings.of_project(project),
+        systems,
+        [],
+        retrieval_context(*EvalSettings.of_project(project)),
+        {},
+        {},
+    )
     assert none == {}
 
 
@@ -228,11 +252,11 @@ def test_a_llamacpp_generation_backend_is_scored_through_transformers(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     project = heldout_project(tmp_path, tiny_model_dir)
-    systems, _ = plan_systems(project, ["prompt"])
+    systems, _ = plan_systems(*EvalSettings.of_project(project), ["prompt"])
     systems[0].llm = LLMConfig(backend="llamacpp", model="bundled:smollm2")
     project.config.base_model.model = str(tiny_model_dir)
     backends: dict[str, Any] = {}
-    score = likelihood.scorer_for(project, systems[0], backends, 16)
+    score = likelihood.scorer_for(*EvalSettings.of_project(project), systems[0], backends, 16)
     assert not isinstance(score, str)
     (backend,) = backends.values()
     assert backend.cfg.backend == "transformers" and backend.cfg.model == str(tiny_model_dir)
@@ -264,8 +288,10 @@ def test_the_judge_is_first_measured_at_picking_the_real_passage(
         return "none"
 
     project = heldout_project(tmp_path, tiny_model_dir)
-    items = load_heldout_items(project, None)
-    plans = likelihood.plan(project, items, ["other_stage", "other_persona", "same_stage"], 7)
+    items = load_heldout_items(*EvalSettings.of_project(project), None)
+    plans = likelihood.plan(
+        *EvalSettings.of_project(project), items, ["other_stage", "other_persona", "same_stage"], 7
+    )
     personas = {f"{p.id}/{s.id}": (p.name, s.time) for p in project.personas.values() for s in p.stages}
     results = {}
     for name, reply in (("knowing", knowing), ("always A", "A"), ("garbage", "I cannot say.")):
@@ -286,10 +312,17 @@ def test_the_evaluation_can_run_its_models_in_bfloat16(tmp_path: Path, tiny_mode
     values = {}
     for dtype in ("float32", "bfloat16"):
         project = heldout_project(tmp_path / dtype, tiny_model_dir, {"dtype": dtype})
-        systems, skipped = plan_systems(project, ["prompt"])
+        systems, skipped = plan_systems(*EvalSettings.of_project(project), ["prompt"])
         assert systems[0].llm.dtype == dtype
-        items = load_heldout_items(project, None)
-        result = likelihood.run(project, systems, items, retrieval_context(project), {}, skipped)
+        items = load_heldout_items(*EvalSettings.of_project(project), None)
+        result = likelihood.run(
+            *EvalSettings.of_project(project),
+            systems,
+            items,
+            retrieval_context(*EvalSettings.of_project(project)),
+            {},
+            skipped,
+        )
         values[dtype] = result["systems"]["prompt"]["heldout_nll"]["value"]
         # Answers in another dtype differ a little: they never share cache rows with float32 ones.
         weights = TransformersBackend(systems[0].llm).cache_identity({})["weights"]

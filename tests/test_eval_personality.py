@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from persllm.config import load_project
+from persllm.config.stages import EvalSettings
 from persllm.errors import UserError
 from persllm.evaluate import personality
 from persllm.evaluate.personality import Item
@@ -161,9 +162,9 @@ def test_an_interview_scores_each_system_and_persona(tmp_path: Path) -> None:
             },
         )
         project = load_project(path)
-        planned, _ = plan_systems(project, ["agreeable"])
+        planned, _ = plan_systems(*EvalSettings.of_project(project), ["agreeable"])
         skipped: dict[str, str] = {}
-        result = personality.interview(project, planned, None, None, skipped)
+        result = personality.interview(*EvalSettings.of_project(project), planned, None, None, skipped)
     elsie = result["agreeable"]["elsie"]
     assert elsie["asked"] == elsie["answered"] == len(ROWS)
     assert elsie["traits"] == {"O": 5.0, "C": 3.0, "E": 5.0, "A": 5.0, "N": 3.0}
@@ -195,9 +196,9 @@ def test_with_a_judge_the_judge_reads_the_answers(tmp_path: Path) -> None:
             },
         )
         project = load_project(path)
-        planned, _ = plan_systems(project, ["vague"])
+        planned, _ = plan_systems(*EvalSettings.of_project(project), ["vague"])
         judge_cfg = project.config.eval.extra_systems["vague"].model_copy(update={"base_url": judge.base_url})
-        result = personality.interview(project, planned, None, judge_cfg, {})
+        result = personality.interview(*EvalSettings.of_project(project), planned, None, judge_cfg, {})
         assert all("I could not say." in b["messages"][-1]["content"] for b in judge.requests)
     traits = result["vague"]["elsie"]["traits"]
     assert traits == {"O": 4.0, "C": 4.0, "E": 4.0, "A": 4.0, "N": 2.0}

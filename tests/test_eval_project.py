@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from persllm.config import Project, load_project
+from persllm.config.stages import EvalSettings
 from persllm.curate.format import sft_row
 from persllm.errors import UserError
 from persllm.evaluate.systems import Item, System, load_items, messages_for, plan_systems
@@ -121,7 +122,7 @@ def project(tmp_path: Path) -> Project:
 
 
 def test_items_are_first_exchanges_without_label_or_analysis(project: Project) -> None:
-    items = load_items(project, None)
+    items = load_items(*EvalSettings.of_project(project), None)
     assert len(items) == 8
     first = items[0]
     assert (first.persona, first.stage, first.kind, first.label) == (
@@ -140,7 +141,7 @@ def test_items_are_first_exchanges_without_label_or_analysis(project: Project) -
 
 
 def test_max_items_caps_each_persona_and_stage(project: Project) -> None:
-    items = load_items(project, 1)
+    items = load_items(*EvalSettings.of_project(project), 1)
     assert [(i.persona, i.stage) for i in items] == [
         ("elsie", "keeper"),
         ("elsie", "engineer"),
@@ -153,14 +154,14 @@ def test_a_malformed_row_is_a_user_error_naming_the_line(project: Project) -> No
     path = project.run_dir / "data" / "jonah" / "sft_test.jsonl"
     write_jsonl(path, [{"messages": [{"role": "user", "content": "hi"}], "meta": {}}])
     with pytest.raises(UserError, match=r"sft_test.jsonl:1: expected messages"):
-        load_items(project, None)
+        load_items(*EvalSettings.of_project(project), None)
 
 
 # --------------------------------------------------------------------------- systems and prompts
 
 
 def test_missing_models_skip_their_system_with_a_note(project: Project) -> None:
-    planned, skipped = plan_systems(project, ["prompt", "rag", "sft", "sft+dpo"])
+    planned, skipped = plan_systems(*EvalSettings.of_project(project), ["prompt", "rag", "sft", "sft+dpo"])
     assert [s.name for s in planned] == ["prompt", "rag"]
     assert set(skipped) == {"sft", "sft+dpo"}
     assert "models/elsie/sft" in skipped["sft"] and "persllm train" in skipped["sft"]
@@ -168,11 +169,11 @@ def test_missing_models_skip_their_system_with_a_note(project: Project) -> None:
 
 def test_an_unknown_system_is_a_user_error(project: Project) -> None:
     with pytest.raises(UserError, match=r"eval.systems: unknown system 'gpt5'; use one of: prompt, rag"):
-        plan_systems(project, ["gpt5"])
+        plan_systems(*EvalSettings.of_project(project), ["gpt5"])
 
 
 def test_each_system_is_prompted_its_own_way(project: Project) -> None:
-    item = load_items(project, None)[0]
+    item = load_items(*EvalSettings.of_project(project), None)[0]
     base = project.config.base_model
     prompt = messages_for(System("prompt", base, "prompt"), item)
     assert prompt == [{"role": "system", "content": item.system}, {"role": "user", "content": item.question}]

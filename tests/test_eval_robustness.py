@@ -7,6 +7,7 @@ from typing import Any
 
 from persllm import evaluate
 from persllm.config import load_project
+from persllm.config.stages import EvalSettings
 from persllm.evaluate.robustness import METRICS
 from persllm.jsonl import read_jsonl
 from tests.fake_openai import FakeOpenAI
@@ -51,7 +52,9 @@ def test_every_robustness_metric_with_intervals_judge_fallback_and_report(
     emulator = {"backend": "transformers", "model": str(tiny_model_dir), "params": {"max_tokens": 8}}
     with FakeOpenAI(default_reply=probe_judge) as judge:
         project = project_with(tmp_path, tiny_model_dir, emulator)
-        result = evaluate.run(project, judge=f"judge-model@{judge.base_url}", max_items=1)
+        result = evaluate.run(
+            *EvalSettings.of_project(project), judge=f"judge-model@{judge.base_url}", max_items=1
+        )
         judged = [r["messages"][-1]["content"] for r in judge.requests]
 
     robust = result["robustness"]
@@ -100,7 +103,7 @@ def test_a_conversation_whose_emulator_times_out_is_recorded_and_the_rest_comple
     with FakeOpenAI(latency=3.0, default_reply="Tell me more.") as slow:
         emulator = {"backend": "openai", "base_url": slow.base_url, "model": "emulator", "max_retries": 0}
         project = project_with(tmp_path, tiny_model_dir, emulator, turn_timeout_s=0.3)
-        result = evaluate.run(project, systems=["prompt"], max_items=1)
+        result = evaluate.run(*EvalSettings.of_project(project), systems=["prompt"], max_items=1)
     found = result["robustness"]["systems"]["prompt"]
     assert found["errors"] == 2  # one conversation per persona
     records = read_jsonl(project.run_dir / "eval" / "robustness.jsonl")

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from persllm.cli import app
 from persllm.config import Project, load_project
+from persllm.config.stages import DPOSettings, EvalSettings, SFTSettings
 from persllm.errors import UserError
 from persllm.train import dpo, export, gguf_files, sft
 from tests.test_train import ANSWERS, DPO_TRL, QUESTIONS, SFT_TRL, dialogue, know_the_answers, make_project
@@ -33,8 +34,8 @@ def trained_project(root: Path, tiny_model_dir: Path, overrides: dict[str, Any] 
     base = know_the_answers(shutil.copytree(tiny_model_dir, root / "base"))
     config = make_project(root, base, {**SFT_TRL, "max_steps": 30}, {**DPO_TRL, "max_steps": 2})
     loaded = load_project(config, overrides)
-    sft.run(loaded, "elsie")
-    dpo.run(loaded, "elsie")
+    sft.run(*SFTSettings.of_project(loaded), "elsie")
+    dpo.run(*DPOSettings.of_project(loaded), "elsie")
     return loaded
 
 
@@ -118,8 +119,8 @@ def test_lora_dpo_on_full_sft_weights_exports(tmp_path: Path, tiny_model_dir: Pa
 
     config = make_project(tmp_path, tiny_model_dir, {**SFT_TRL, "max_steps": 2}, {**DPO_TRL, "max_steps": 2})
     loaded = load_project(config, {"sft.method": "full"})
-    sft.run(loaded, "elsie")
-    info = dpo.run(loaded, "elsie")
+    sft.run(*SFTSettings.of_project(loaded), "elsie")
+    info = dpo.run(*DPOSettings.of_project(loaded), "elsie")
     assert info["adapter_base"] == "sft" and info["config"]["lora"]["r"] == 16
     out = export.run(loaded, "elsie", tmp_path / "out")
     assert out["variant"] == "dpo"
@@ -486,7 +487,7 @@ def test_llamacpp_base_model_runs_trained_personas_as_adapters_of_one_base(proje
     from persllm.llm import run_sync
 
     on_llamacpp = load_project(project.config_path, {"base_model.backend": "llamacpp"})
-    systems, skipped = plan_systems(on_llamacpp, ["prompt", "sft+dpo"])
+    systems, skipped = plan_systems(*EvalSettings.of_project(on_llamacpp), ["prompt", "sft+dpo"])
     assert not skipped
     trained: System = systems[1]
     merged, tokenizer = export.load_trained(project, "elsie", "dpo", merge=True)
@@ -494,7 +495,7 @@ def test_llamacpp_base_model_runs_trained_personas_as_adapters_of_one_base(proje
     requests = [Request(trained, "elsie", "keeper", m) for m in messages]
     requests.append(Request(systems[0], "elsie", "keeper", messages[0]))
     params = {"temperature": 0, "max_tokens": 12}
-    answers = generate(on_llamacpp, requests, params, cache=None)
+    answers = generate(*EvalSettings.of_project(on_llamacpp), requests, params, cache=None)
 
     models = project.run_dir / "models"
     made = models / "elsie" / "dpo.lora.gguf"

@@ -13,6 +13,7 @@ import yaml
 
 from persllm import annotate, curate, index, pairs
 from persllm.config import load_project
+from persllm.config.stages import AnnotateSettings, CurateSettings, IndexSettings, PairsSettings
 from persllm.errors import UserError
 from persllm.index.retrieve import Retriever, load_heldout
 from persllm.jsonl import read_jsonl
@@ -172,10 +173,10 @@ def annotated(tmp_path_factory: pytest.TempPathFactory) -> Any:
     with FakeOpenAI(default_reply=back_writer) as server:
         configure(root / "persllm.yaml", server.base_url)
         project = load_project(root / "persllm.yaml")
-        index.run(project)
-        annotate.run(project, progress=False)
-        curate.run(project)
-        pairs.run(project)
+        index.run(*IndexSettings.of_project(project))
+        annotate.run(*AnnotateSettings.of_project(project), progress=False)
+        curate.run(*CurateSettings.of_project(project))
+        pairs.run(*PairsSettings.of_project(project))
     return project
 
 
@@ -184,7 +185,7 @@ def heldout_texts(project: Any) -> dict[str, str]:
         c.text: f"{p}/{s.id}"
         for p, persona in project.personas.items()
         for s in persona.stages
-        for c in load_heldout(project, p, s.id)
+        for c in load_heldout(project.workspace, p, s.id)
     }
 
 
@@ -215,7 +216,7 @@ def test_no_held_out_text_reaches_training_data_or_retrieved_context(annotated: 
         body = path.read_text(encoding="utf-8")
         leaked = [t for t in held | references if t in body]
         assert not leaked, f"{path} contains held-out text: {leaked[0][:60]}"
-    retriever = Retriever(project)
+    retriever = Retriever.of(project)
     for record in read_jsonl(project.run_dir / "annotations" / "heldout" / "elsie.jsonl"):
         context = retriever.retrieve(record["persona"], record["stage"], record["turns"][0]["content"])
         pieces = [p.text for p in context.knowledge + context.style]
@@ -244,7 +245,7 @@ def test_own_words_records_train_and_held_out_questions_stay_apart(annotated: An
     assert {r["id"] for r in own} <= train_ids and not {r["id"] for r in own} & test_ids
     questions = read_jsonl(project.run_dir / "annotations" / "heldout" / "elsie.jsonl")
     assert len(questions) == sum(
-        len(load_heldout(project, "elsie", s.id)) for s in project.persona("elsie").stages
+        len(load_heldout(project.workspace, "elsie", s.id)) for s in project.persona("elsie").stages
     )
     assert all(q["reply"]["source"] == "heldout" and q["turns"][1]["analysis"] == "" for q in questions)
 

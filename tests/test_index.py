@@ -9,6 +9,7 @@ import pytest
 from persllm import index
 from persllm.bundled import resolve_model
 from persllm.config import EmbedderConfig, load_project
+from persllm.config.stages import IndexSettings
 from persllm.errors import UserError
 from persllm.index import encoder
 from persllm.index.retrieve import Retriever
@@ -75,7 +76,7 @@ def test_unloadable_model_is_a_user_error(tmp_path: Path) -> None:
 
 def test_run_writes_aligned_index_files_and_manifest(project: Path) -> None:
     loaded = load_project(project)
-    result = index.run(loaded)
+    result = index.run(*IndexSettings.of_project(loaded))
     assert result["chunks"] == 8 and result["embedded"] == 6 and result["reused"] == 2  # RAIL twice
     rows = {(row["persona"], row["stage"]): row for row in result["stages"]}
     assert rows["kit", "sea"] == {
@@ -101,7 +102,7 @@ def test_second_run_embeds_nothing_and_one_new_paragraph_embeds_one(
     project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loaded = load_project(project)
-    index.run(loaded)
+    index.run(*IndexSettings.of_project(loaded))
     folder = loaded.run_dir / "index" / "kit" / "sea"
     before = np.load(folder / "embeddings.npy")
 
@@ -113,13 +114,13 @@ def test_second_run_embeds_nothing_and_one_new_paragraph_embeds_one(
         return real_embed(texts, cfg, progress)
 
     monkeypatch.setattr(encoder, "embed", counting_embed)
-    again = index.run(loaded)
+    again = index.run(*IndexSettings.of_project(loaded))
     assert again["embedded"] == 0 and again["reused"] == 8 and embedded == []
     assert np.array_equal(np.load(folder / "embeddings.npy"), before)
 
     new = "A schooner ran aground on the Skerrow rocks and the crew were taken off by the lifeboat."
     write(project.parent / "corpus" / "sea" / "facts.md", [SEA[0], new, *SEA[1:]])
-    third = index.run(load_project(project))
+    third = index.run(*IndexSettings.of_project(load_project(project)))
     assert third["embedded"] == 1 and third["reused"] == 8 and embedded == [new]
     chunks = read_jsonl(folder / "chunks.jsonl")
     after = np.load(folder / "embeddings.npy")
@@ -129,35 +130,35 @@ def test_second_run_embeds_nothing_and_one_new_paragraph_embeds_one(
 
 def test_persona_filter_and_changed_model_reembeds(project: Path) -> None:
     loaded = load_project(project)
-    only = index.run(loaded, personas=["moss"])
+    only = index.run(*IndexSettings.of_project(loaded), personas=["moss"])
     assert [row["persona"] for row in only["stages"]] == ["moss"]
     assert not (loaded.run_dir / "index" / "kit").exists()
     with pytest.raises(UserError, match=r"no persona 'nobody'"):
-        index.run(loaded, personas=["nobody"])
+        index.run(*IndexSettings.of_project(loaded), personas=["nobody"])
 
     # The same weights under another name are another cache key: everything is embedded again,
     # and an index built with one model refuses queries from another.
     other = load_project(project, {"embedder.model": resolve_model("bundled:minilm")})
-    assert index.run(other, personas=["moss"])["embedded"] == 2
+    assert index.run(*IndexSettings.of_project(other), personas=["moss"])["embedded"] == 2
     with pytest.raises(
         UserError, match=r"index built with embedder .* but embedder.model is 'bundled:minilm'"
     ):
-        Retriever(loaded).retrieve("moss", "only", "coal trains")
+        Retriever.of(loaded).retrieve("moss", "only", "coal trains")
 
 
 def test_corrupt_cache_is_rebuilt(project: Path) -> None:
     loaded = load_project(project)
-    index.run(loaded)
+    index.run(*IndexSettings.of_project(loaded))
     cache_files = list((loaded.run_dir / "index" / "embeddings_cache").glob("*.npz"))
     assert len(cache_files) == 1
     cache_files[0].write_bytes(b"not a zip file")
-    assert index.run(loaded)["embedded"] == 6
-    assert index.run(loaded)["embedded"] == 0
+    assert index.run(*IndexSettings.of_project(loaded))["embedded"] == 6
+    assert index.run(*IndexSettings.of_project(loaded))["embedded"] == 0
 
 
 def test_corpus_errors_surface_before_writing(project: Path) -> None:
     (project.parent / "corpus" / "rail" / "bad.md").write_bytes(b"\xff\xfe broken")
     loaded = load_project(project)
     with pytest.raises(UserError, match=r"bad.md:1: not valid UTF-8"):
-        index.run(loaded)
+        index.run(*IndexSettings.of_project(loaded))
     assert not (loaded.run_dir / "index").exists()

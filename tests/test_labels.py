@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from persllm.config import load_project
+from persllm.config.stages import SFTSettings
 from persllm.errors import UserError
 from persllm.labels import base_vocabulary, reserved_tokens
 from tests.test_train import DPO_TRL, SFT_TRL, make_project
@@ -112,7 +113,7 @@ def test_training_with_reserved_labels_adds_nothing(tmp_path: Path, reserved_bas
         text = json.dumps(read_jsonl(data / name))
         rows = json.loads(text.replace("<TIME-II>", RESERVED[1]).replace("<TIME-I>", RESERVED[0]))
         write_jsonl(data / name, rows)
-    info = sft.run(project, "elsie")
+    info = sft.run(*SFTSettings.of_project(project), "elsie")
     vocab = json.loads((reserved_base / "config.json").read_text())["vocab_size"]
     assert info["label_kind"] == "reserved" and info["added_token_ids"] == []
     assert set(info["stage_tokens"]) == set(RESERVED[:2]) and max(info["stage_tokens"].values()) < vocab

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from persllm import curate, pairs
 from persllm.config import PersonaConfig, Project, load_project
+from persllm.config.stages import CurateSettings, IndexSettings, PairsSettings
 from persllm.errors import UserError
 from persllm.jsonl import read_jsonl
 from persllm.pairs.build import other_stages, pair_problem
@@ -42,7 +43,7 @@ def jonah_records() -> list[dict[str, Any]]:
 def curated(root: Path, elsie: list[dict[str, Any]] | None = None, **overrides: Any) -> Project:
     path = make_project(root, {"elsie": elsie or elsie_records(), "jonah": jonah_records()})
     project = load_project(path, {"pairs.similarity_min": 0.0, **overrides})
-    curate.run(project)
+    curate.run(*CurateSettings.of_project(project))
     return project
 
 
@@ -93,7 +94,7 @@ def test_other_stages_nearest_first() -> None:
 
 def test_cross_persona_pairs_use_train_side_and_never_the_same_persona(tmp_path: Path) -> None:
     project = curated(tmp_path, **{"pairs.cross_stage": False})
-    result = pairs.run(project)
+    result = pairs.run(*PairsSettings.of_project(project))
     assert result["pairs"] == result["cross_persona"] > 0 and result["cross_stage"] == 0
     sft = {
         r["meta"]["id"]: r
@@ -129,7 +130,7 @@ def test_cross_persona_pairs_use_train_side_and_never_the_same_persona(tmp_path:
 
 def test_cross_persona_neighbour_is_most_similar_input(tmp_path: Path) -> None:
     project = curated(tmp_path, **{"pairs.cross_stage": False, "curate.test_fraction": 0.0})
-    pairs.run(project, ["jonah"])
+    pairs.run(*PairsSettings.of_project(project), ["jonah"])
     rows = dpo_rows(project, "jonah")
     assert len(rows) == 6
     # j0-j3 paraphrase elsie's k0-k3: their nearest neighbours. j4 and j5 repeat k4 and k5 word for word:
@@ -138,7 +139,7 @@ def test_cross_persona_neighbour_is_most_similar_input(tmp_path: Path) -> None:
     assert {key: matches[key] for key in ("j0", "j1", "j2", "j3")} == {f"j{i}": f"k{i}" for i in range(4)}
     assert matches["j4"] != "k4" and matches["j5"] != "k5"
     project = load_project(project.config_path, {"pairs.similarity_min": 0.0, "pairs.similarity_max": 1.0})
-    pairs.run(project, ["jonah"])
+    pairs.run(*PairsSettings.of_project(project), ["jonah"])
     matches = {r["meta"]["source_id"]: r["meta"]["rejected_from"]["id"] for r in dpo_rows(project, "jonah")}
     assert matches["j4"] == "k4" and matches["j5"] == "k5"
     assert not (project.run_dir / "data" / "elsie" / "dpo_train.jsonl").exists()
@@ -152,7 +153,7 @@ def test_pair_filters_drop_identical_and_too_similar_and_count_them(tmp_path: Pa
     elsie[1]["turns"][1]["content"] = JONAH_ANSWER.replace("once", "ever")  # one word apart
     overrides = {"pairs.cross_stage": False, "curate.test_fraction": 0.0, "pairs.min_difference": 0.3}
     project = curated(tmp_path, elsie, **overrides)
-    stats = pairs.run(project, ["elsie"])["personas"]["elsie"]
+    stats = pairs.run(*PairsSettings.of_project(project), ["elsie"])["personas"]["elsie"]
     counts = stats["provenance"]["cross_persona"]
     assert counts == {"candidates": 6, "unavailable": 0, "identical": 1, "too_similar": 1, "kept": 4}
     assert {r["meta"]["source_id"] for r in dpo_rows(project, "elsie")} == {"k2", "k3", "k4", "k5"}
@@ -160,7 +161,9 @@ def test_pair_filters_drop_identical_and_too_similar_and_count_them(tmp_path: Pa
     project = load_project(
         project.config_path, {**overrides, "pairs.similarity_min": 0.999, "pairs.similarity_max": 0.999}
     )
-    counts = pairs.run(project, ["elsie"])["personas"]["elsie"]["provenance"]["cross_persona"]
+    counts = pairs.run(*PairsSettings.of_project(project), ["elsie"])["personas"]["elsie"]["provenance"][
+        "cross_persona"
+    ]
     assert counts["unavailable"] == 6 and counts["kept"] == 0
 
 
@@ -169,7 +172,7 @@ def test_pairs_before_curate_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(
         UserError, match=r"sft_train\.jsonl: persona 'elsie' is not curated; run `persllm curate`"
     ):
-        pairs.run(project, ["elsie"])
+        pairs.run(*PairsSettings.of_project(project), ["elsie"])
 
 
 # ------------------------------------------------------------------------- over HTTP: cross-stage, base model
@@ -206,12 +209,12 @@ def test_cross_stage_pairs_through_the_annotation_engine(tmp_path: Path) -> None
     # The keeper's k5 answer is what the engineer stage will say: a pair that teaches nothing.
     elsie[5]["turns"][1]["content"] = "In 1905 my days go to breakwater stones and the new electric wiring."
     project = curated(tmp_path, elsie)
-    build_index(project)
+    build_index(*IndexSettings.of_project(project))
     with FakeOpenAI(default_reply=fake_model) as server:
         project = with_server(tmp_path, server)
-        result = pairs.run(project)
+        result = pairs.run(*PairsSettings.of_project(project))
         calls = len(server.requests)
-        again = pairs.run(project)
+        again = pairs.run(*PairsSettings.of_project(project))
         assert len(server.requests) == calls  # every regeneration came from the cache
     assert again == result
     train, _ = split_ids(project, "elsie")
@@ -245,7 +248,7 @@ def test_base_model_pairs_have_no_persona_in_the_request(tmp_path: Path) -> None
     project = curated(tmp_path, **{"curate.cot": "none"})  # pairs follow the data, not today's config
     with FakeOpenAI(default_reply=fake_model) as server:
         project = with_server(tmp_path, server, **{"pairs.cross_stage": False, "pairs.base_model": True})
-        result = pairs.run(project, ["jonah"])
+        result = pairs.run(*PairsSettings.of_project(project), ["jonah"])
         bodies = list(server.requests)
     train, _ = split_ids(project, "jonah")
     assert result["base_model"] == len(train) == len(bodies)

@@ -172,7 +172,7 @@ def test_interrupted_run_resumes(
         project = load_project(pipeline_project)
         real_curate = pipeline.STAGES[2].run
 
-        def interrupted(project: Any, resume: bool) -> dict[str, Any]:
+        def interrupted(settings: Any, workspace: Any, resume: bool) -> dict[str, Any]:
             raise KeyboardInterrupt
 
         monkeypatch.setattr(pipeline.STAGES[2], "run", interrupted)

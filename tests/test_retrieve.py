@@ -4,12 +4,14 @@ import json
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from persllm import index
 from persllm.config import Project, load_project
+from persllm.config.stages import IndexSettings
 from persllm.errors import UserError
 from persllm.index import encoder, retrieve
 from persllm.index.retrieve import Context, Piece, Retriever
@@ -73,7 +75,7 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "personas" / "kit.yaml").write_text(PERSONA, encoding="utf-8")
     path = root / "persllm.yaml"
     path.write_text("project: r\npersonas: [personas/kit.yaml]\n", encoding="utf-8")
-    index.run(load_project(path))
+    index.run(*IndexSettings.of_project(load_project(path)))
     return path
 
 
@@ -100,7 +102,7 @@ def expected_fill(
 
 def test_knowledge_fills_in_similarity_order_within_budget(config: Path) -> None:
     project = project_with(config, knowledge=40, style=20)
-    context = Retriever(project).retrieve("kit", "early", LAMP)
+    context = Retriever.of(project).retrieve("kit", "early", LAMP)
     assert [p.id for p in context.knowledge] == expected_fill(project, "early", "knowledge", LAMP, 40)
     assert [p.id for p in context.style] == expected_fill(project, "early", "style", LAMP, 20)
     assert context.knowledge[0].text == CORPUS["early/facts.md"][0]
@@ -111,14 +113,14 @@ def test_knowledge_fills_in_similarity_order_within_budget(config: Path) -> None
 
 
 def test_large_budget_takes_each_chunk_once(config: Path) -> None:
-    context = Retriever(project_with(config)).retrieve("kit", "early", LAMP)
+    context = Retriever.of(project_with(config)).retrieve("kit", "early", LAMP)
     assert sorted(p.text for p in context.knowledge) == sorted(CORPUS["early/facts.md"])
     assert sorted(p.text for p in context.style) == sorted(CORPUS["early/letters.txt"])
 
 
 def test_seed_goes_first_in_its_own_kind_and_is_not_repeated(config: Path) -> None:
     project = project_with(config, knowledge=60, style=40)
-    retriever = Retriever(project)
+    retriever = Retriever.of(project)
     plain = retriever.retrieve("kit", "early", LAMP)
     wreck = next(c for c in retriever.chunks("kit", "early", "knowledge") if "schooner" in c.text)
     assert wreck.id not in [p.id for p in plain.knowledge]  # least related to the lamp: not picked alone
@@ -139,7 +141,7 @@ def test_seed_goes_first_in_its_own_kind_and_is_not_repeated(config: Path) -> No
 
 
 def test_zero_budget_keeps_only_the_seed(config: Path) -> None:
-    retriever = Retriever(project_with(config, knowledge=0, style=0))
+    retriever = Retriever.of(project_with(config, knowledge=0, style=0))
     empty = retriever.retrieve("kit", "early", LAMP)
     assert empty.knowledge == [] and empty.style == []
     seed = retriever.chunks("kit", "early", "style")[0]
@@ -149,7 +151,7 @@ def test_zero_budget_keeps_only_the_seed(config: Path) -> None:
 
 
 def test_stages_see_only_their_own_material(config: Path) -> None:
-    retriever = Retriever(project_with(config))
+    retriever = Retriever.of(project_with(config))
     middle = retriever.retrieve("kit", "middle", LAMP)
     assert {p.ref.split(":")[0] for p in middle.knowledge + middle.style} == {
         "corpus/middle/facts.md",
@@ -161,10 +163,10 @@ def test_stages_see_only_their_own_material(config: Path) -> None:
 
 
 def test_inheriting_stage_also_sees_earlier_stages_without_repeats(config: Path) -> None:
-    retriever = Retriever(project_with(config, knowledge=45))
+    retriever = Retriever.of(project_with(config, knowledge=45))
     late = retriever.retrieve("kit", "late", LAMP)
     assert late.knowledge[0].ref == "corpus/early/facts.md:1" and late.knowledge[0].stage == "early"
-    everything = Retriever(project_with(config, knowledge=5000)).retrieve("kit", "late", "pocket watch")
+    everything = Retriever.of(project_with(config, knowledge=5000)).retrieve("kit", "late", "pocket watch")
     texts = [p.text for p in everything.knowledge]
     assert texts.count(SHARED) == 1 and texts[0] == SHARED
     expected = {*CORPUS["early/facts.md"], *CORPUS["middle/facts.md"], *CORPUS["late/facts.md"]}
@@ -179,12 +181,12 @@ def test_each_stage_index_is_loaded_once(config: Path, monkeypatch: pytest.Monke
     calls: list[str] = []
     real = retrieve.load_stage
 
-    def counting(project: Project, persona: str, stage: str) -> tuple[list, np.ndarray]:
+    def counting(workspace: Any, embedder: Any, persona: str, stage: str) -> tuple[list, np.ndarray]:
         calls.append(stage)
-        return real(project, persona, stage)
+        return real(workspace, embedder, persona, stage)
 
     monkeypatch.setattr(retrieve, "load_stage", counting)
-    retriever = Retriever(project_with(config))
+    retriever = Retriever.of(project_with(config))
     for query in (LAMP, "railway", "harbour board"):
         retriever.retrieve("kit", "late", query)
     retriever.chunks("kit", "early")
@@ -192,7 +194,7 @@ def test_each_stage_index_is_loaded_once(config: Path, monkeypatch: pytest.Monke
 
 
 def test_rendering_and_json(config: Path) -> None:
-    context = Retriever(project_with(config, knowledge=40, style=30)).retrieve("kit", "early", LAMP)
+    context = Retriever.of(project_with(config, knowledge=40, style=30)).retrieve("kit", "early", LAMP)
     assert context.knowledge_text() == "\n\n".join(f"[{p.ref}] {p.text}" for p in context.knowledge)
     assert context.style_text().startswith(f"[{context.style[0].ref}] ")
     data = json.loads(json.dumps(context.to_dict()))
@@ -202,7 +204,7 @@ def test_rendering_and_json(config: Path) -> None:
 
 
 def test_user_errors(config: Path, tmp_path: Path) -> None:
-    retriever = Retriever(project_with(config))
+    retriever = Retriever.of(project_with(config))
     with pytest.raises(UserError, match=r"no stage 'nope'"):
         retriever.retrieve("kit", "nope", LAMP)
     with pytest.raises(UserError, match=r"no persona 'bob'"):
@@ -215,13 +217,13 @@ def test_user_errors(config: Path, tmp_path: Path) -> None:
         retriever.retrieve("kit", "early", "  ")
     unindexed = load_project(config, {"run_dir": str(tmp_path / "elsewhere")})
     with pytest.raises(UserError, match=r"no index for kit/early; run `persllm index .*persllm.yaml` first"):
-        Retriever(unindexed).retrieve("kit", "early", LAMP)
+        Retriever.of(unindexed).retrieve("kit", "early", LAMP)
 
 
 def test_retrieve_many_matches_retrieve_with_one_encoder_call(
     config: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    retriever = Retriever(project_with(config, knowledge=40, style=30))
+    retriever = Retriever.of(project_with(config, knowledge=40, style=30))
     letter = retriever.chunks("kit", "early", "style")[2]
     outsider = retriever.chunks("kit", "middle", "knowledge")[0]  # not visible from early: embedded
     queries = [LAMP, "storms and waves over the harbour wall", "", "trains"]
@@ -238,7 +240,7 @@ def test_retrieve_many_matches_retrieve_with_one_encoder_call(
     monkeypatch.setattr(encoder, "_QUERY_VECTORS", type(encoder._QUERY_VECTORS)())
     together = retriever.retrieve_many("kit", "early", queries, seeds)
     assert calls == [5]  # four queries plus the one seed that is not in the stage's index
-    again = Retriever(project_with(config, knowledge=40, style=30)).retrieve_many(
+    again = Retriever.of(project_with(config, knowledge=40, style=30)).retrieve_many(
         "kit", "early", queries, seeds
     )
     assert calls == [5]  # every query vector came from the process-wide query cache
@@ -272,16 +274,16 @@ def test_threads_retrieving_at_once_load_once_and_match_one_by_one(
     real = retrieve.load_stage
     arrived = threading.Barrier(6)
 
-    def slow(project: Project, persona: str, stage: str) -> tuple[list, np.ndarray]:
+    def slow(workspace: Any, embedder: Any, persona: str, stage: str) -> tuple[list, np.ndarray]:
         calls.append(stage)
         time.sleep(0.05)  # a wide window for a second thread to load the same stage too
-        return real(project, persona, stage)
+        return real(workspace, embedder, persona, stage)
 
     monkeypatch.setattr(retrieve, "load_stage", slow)
     monkeypatch.setattr(encoder, "_QUERY_VECTORS", type(encoder._QUERY_VECTORS)())
     monkeypatch.setattr(encoder, "_SETTLED", set())  # the encoder's first encode happens in the threads
     project = project_with(config, knowledge=60, style=40)
-    retriever = Retriever(project)
+    retriever = Retriever.of(project)
     queries = [LAMP, "railway", "harbour board", "fog bell", "wrecked schooner", "breakwater money"]
     results: dict[int, list[Context]] = {}
 
@@ -297,7 +299,7 @@ def test_threads_retrieving_at_once_load_once_and_match_one_by_one(
         thread.join(timeout=60)
     assert len(results) == 6
     assert sorted(calls) == ["early", "late", "middle"]  # each stage loaded by one thread only
-    alone = {q: Retriever(project).retrieve("kit", "late", q).to_dict() for q in queries}
+    alone = {q: Retriever.of(project).retrieve("kit", "late", q).to_dict() for q in queries}
     for turn, contexts in results.items():
         mine = queries[turn:] + queries[:turn]
         assert [context.to_dict() for context in contexts] == [alone[q] for q in mine]

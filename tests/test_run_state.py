@@ -18,6 +18,7 @@ import yaml
 
 from persllm import pipeline
 from persllm.config import load_project
+from persllm.config.stages import SFTSettings
 from persllm.errors import PartialStage, UserError
 from persllm.jsonl import read_jsonl
 from persllm.layout import project_lock
@@ -34,7 +35,7 @@ PERSLLM = Path(sys.executable).parent / "persllm"
 def _updates(config: str, writer: int, count: int) -> None:
     project = load_project(config)
     for number in range(count):
-        record_stage(project, f"writer{writer}", **{f"update{number}": number})
+        record_stage(project.workspace, f"writer{writer}", **{f"update{number}": number})
 
 
 def test_two_writers_lose_no_manifest_update(pipeline_project: Path) -> None:  # noqa: F811
@@ -257,15 +258,15 @@ def test_resume_skips_a_torn_checkpoint_and_a_finished_model_drops_its_checkpoin
     trl = {**SFT_TRL, "max_steps": 3, "save_steps": 1, "logging_steps": 1, "save_total_limit": 3}
     config = make_project(tmp_path, shutil.copytree(tiny_model_dir, tmp_path / "base"), trl, DPO_TRL)
     project = load_project(config, {"sft.keep_checkpoints": True})
-    sft.run(project, "elsie")
-    _, checkpoints = common.model_dirs(project, "elsie", "sft")
+    sft.run(*SFTSettings.of_project(project), "elsie")
+    _, checkpoints = common.model_dirs(project.layout, "elsie", "sft")
     (checkpoints / "checkpoint-3" / "trainer_state.json").unlink()  # killed while saving
     assert common.checkpoint_to_resume(checkpoints, resume=True) == str(checkpoints / "checkpoint-2")
     assert "checkpoint-3 is incomplete" in capsys.readouterr().out
-    info = sft.run(project, "elsie", resume=True)
+    info = sft.run(*SFTSettings.of_project(project), "elsie", resume=True)
     assert info["resumed_from"].endswith("checkpoint-2") and info["steps"] == 3
     # Without keep_checkpoints, the finished model's checkpoints are removed.
-    sft.run(load_project(config), "elsie")
+    sft.run(*SFTSettings.of_project(load_project(config)), "elsie")
     assert (
         not checkpoints.exists() and (project.layout.model("elsie", "sft") / "adapter_config.json").exists()
     )

@@ -7,7 +7,6 @@ share a batch, and which batches run at the same time (threads meeting at a barr
 import asyncio
 import os
 import threading
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -155,7 +154,7 @@ def test_queue_asks_the_encoder_for_its_workers(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(encoder, "query_workers", workers)
     retriever = Scripted()
-    retriever.project = SimpleNamespace(config=SimpleNamespace(embedder=EmbedderConfig()))  # type: ignore[attr-defined]
+    retriever.embedder = EmbedderConfig()  # type: ignore[attr-defined]
     queue = RetrievalQueue(retriever)  # type: ignore[arg-type]
     assert queue.workers == 3 and queue.workers == 3 and len(asked) == 1  # asked once, lazily
 

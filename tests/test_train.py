@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from persllm.cli import app
 from persllm.config import Project, load_project
+from persllm.config.stages import DPOSettings, SFTSettings
 from persllm.errors import UserError
 from persllm.jsonl import write_jsonl
 from persllm.prompting import split_inline
@@ -179,7 +180,7 @@ def trained(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
         assert result.exit_code == 0, result.output
         assert "elsie: sft 100 steps" in result.output and "models/elsie/sft" in result.output
         project = load_project(config)
-        dpo.run(project, "elsie")
+        dpo.run(*DPOSettings.of_project(project), "elsie")
     return project
 
 
@@ -258,7 +259,7 @@ def test_new_tokens_kind_trains_the_label_rows(tmp_path: Path, tiny_model_dir: P
     base = shutil.copytree(tiny_model_dir, tmp_path / "base")
     trl = {**SFT_TRL, "max_steps": 20, "logging_steps": 20}
     project = load_project(make_project(tmp_path, base, trl, DPO_TRL), {"stage_labels.kind": "new_tokens"})
-    info = sft.run(project, "elsie")
+    info = sft.run(*SFTSettings.of_project(project), "elsie")
     folder = sft_dir(project)
     weights = load_file(str(folder / "adapter_model.safetensors"))
     embeddings = [tensor for name, tensor in weights.items() if "embed_tokens" in name]
@@ -302,13 +303,13 @@ def test_dpo_margin_rises_and_adapter_is_saved(trained: Project) -> None:
 def test_dpo_refuses_an_sft_adapter_from_another_base_model(trained: Project, tmp_path: Path) -> None:
     other = load_project(trained.config_path, {"base_model.model": str(tmp_path / "another-model")})
     with pytest.raises(UserError, match=r"base_model\.model: the SFT adapter .* was trained on"):
-        dpo.run(other, "elsie")
+        dpo.run(*DPOSettings.of_project(other), "elsie")
 
 
 def test_dpo_without_sft_model_is_a_user_error(tmp_path: Path, tiny_model_dir: Path) -> None:
     config = make_project(tmp_path, tiny_model_dir, SFT_TRL, DPO_TRL)
     with pytest.raises(UserError, match="no SFT model; train it first"):
-        dpo.run(load_project(config), "elsie")
+        dpo.run(*DPOSettings.of_project(load_project(config)), "elsie")
 
 
 # --------------------------------------------------------------------------- resume
@@ -318,10 +319,10 @@ def test_resume_continues_global_step(tmp_path: Path, tiny_model_dir: Path) -> N
     base = shutil.copytree(tiny_model_dir, tmp_path / "base")
     trl = {**SFT_TRL, "max_steps": 3, "save_steps": 3, "logging_steps": 1}
     project = load_project(make_project(tmp_path, base, trl, DPO_TRL), {"sft.keep_checkpoints": True})
-    first = sft.run(project, "elsie")
+    first = sft.run(*SFTSettings.of_project(project), "elsie")
     checkpoints = project.run_dir / "models" / "elsie" / "checkpoints" / "sft"
     assert first["steps"] == 3 and (checkpoints / "checkpoint-3").is_dir()
-    second = sft.run(project, "elsie", resume=True, max_steps=6)
+    second = sft.run(*SFTSettings.of_project(project), "elsie", resume=True, max_steps=6)
     assert second["resumed_from"].endswith("checkpoint-3")
     # The log history travels with the checkpoint: steps 1-3 as the first run logged them, then 4-6.
     assert second["steps"] == 6 and [e["step"] for e in second["losses"]] == [1, 2, 3, 4, 5, 6]
@@ -378,9 +379,11 @@ def test_chatml_without_markers_gets_the_training_twin(tmp_path: Path, tiny_mode
 
     project = load_project(make_project(tmp_path, tiny_model_dir, SFT_TRL, DPO_TRL))
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    assert common.training_chat_template(project, tokenizer) is None  # the tiny template has markers
+    assert (
+        common.training_chat_template(project.workspace, tokenizer) is None
+    )  # the tiny template has markers
     tokenizer.chat_template = SMOLLM2_TEMPLATE
-    twin = common.training_chat_template(project, tokenizer)
+    twin = common.training_chat_template(project.workspace, tokenizer)
     assert twin is not None and "{%- generation -%}" in twin
     for messages in (dialogue("<TIME-I>", "q", "a"), dialogue("<TIME-I>", "q", "a")[1:]):
         for prompt in (False, True):
@@ -398,7 +401,7 @@ def test_chatml_without_markers_gets_the_training_twin(tmp_path: Path, tiny_mode
     assert tokenizer.decode(trained_ids) == "the answer<|im_end|>"
     tokenizer.chat_template = "{{ messages[0]['content'] }}"
     with pytest.raises(UserError, match="no training twin"):
-        common.training_chat_template(project, tokenizer)
+        common.training_chat_template(project.workspace, tokenizer)
 
 
 def test_trl_typo_is_a_one_line_user_error(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -435,7 +438,7 @@ def test_checkpointing_uses_the_current_name_without_a_deprecation_warning(
     project = load_project(make_project(tmp_path, tiny_model_dir, {**SFT_TRL, **trl_block}, DPO_TRL))
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        args = common.build_trl_args(project, "sft", tmp_path / "out", {})
+        args = common.build_trl_args(*SFTSettings.of_project(project), tmp_path / "out", {})
     assert args.activation_checkpointing is expected and args.gradient_checkpointing is expected
 
 
@@ -443,7 +446,7 @@ def test_missing_data_is_a_user_error(tmp_path: Path, tiny_model_dir: Path) -> N
     project = load_project(make_project(tmp_path, tiny_model_dir, SFT_TRL, DPO_TRL))
     (project.run_dir / "data" / "elsie" / "sft_train.jsonl").unlink()
     with pytest.raises(UserError, match=r"sft_train\.jsonl: not found; build it first \(persllm curate"):
-        sft.run(project, "elsie")
+        sft.run(*SFTSettings.of_project(project), "elsie")
 
 
 def test_help_texts_end_with_examples() -> None:

@@ -7,6 +7,7 @@ import pytest
 
 from persllm.bundled import resolve_model
 from persllm.config import load_project
+from persllm.config.stages import DPOSettings, SFTSettings
 from persllm.train import dpo, sft
 from persllm.train.export import load_trained
 from tests.test_train import ANSWERS, QUESTIONS, greedy_answer, make_project, watching_parameters
@@ -28,7 +29,7 @@ def test_smollm2_sft_then_dpo(tmp_path: Path) -> None:
 
     changed: dict[str, dict[str, bool]] = {}
     with watching_parameters(changed):
-        first = sft.run(project, "elsie")
+        first = sft.run(*SFTSettings.of_project(project), "elsie")
     assert changed["sft"] and all(changed["sft"].values())
     losses = [entry["loss"] for entry in first["losses"]]
     assert first["steps"] == 4 and losses[-1] < losses[0]
@@ -45,7 +46,7 @@ def test_smollm2_sft_then_dpo(tmp_path: Path) -> None:
     assert not config_file["modules_to_save"] and (folder / "adapter_model.safetensors").stat().st_size < 20e6
 
     with watching_parameters(changed):
-        second = dpo.run(project, "elsie")
+        second = dpo.run(*DPOSettings.of_project(project), "elsie")
     assert changed["dpo"] and all(changed["dpo"].values())
     margins = [entry["margin"] for entry in second["margins"]]
     assert second["steps"] == 3 and margins[-1] > margins[0]

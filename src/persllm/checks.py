@@ -32,7 +32,7 @@ def check_before_run(project: Project, stages: list[str]) -> None:
     if "annotate" in stages and cfg.annotator.backend == "llamacpp":
         gguf_path(cfg.annotator.model)
     if {"sft", "dpo"} & set(stages):
-        base_model_name(project)
+        base_model_name(project.workspace, project.config.base_model)
         validate_trl_blocks(project)
     if "eval" in stages:
         check_eval(project)

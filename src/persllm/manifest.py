@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from persllm import __version__
-from persllm.config import Project
+from persllm.config import Project, Workspace
 from persllm.errors import UserError
 from persllm.layout import RunLayout, file_lock, write_json_atomic
 
@@ -53,38 +53,39 @@ def _lock_path(run_dir: Path) -> Path:
 
 
 def write_manifest(project: Project) -> Path:
-    """Refresh the config/version part of the manifest, keeping the stage records."""
+    """Refresh the config/version part of the manifest, keeping the stage records (every command that
+    writes to the run folder does this first)."""
     with file_lock(_lock_path(project.run_dir)):
         manifest = load_manifest(project.run_dir)
-        return _write(project, manifest)
+        manifest["config"] = project.resolved()
+        return _write(project.workspace, manifest)
 
 
-def _write(project: Project, manifest: dict[str, Any]) -> Path:
+def _write(workspace: Workspace, manifest: dict[str, Any]) -> Path:
     manifest.update(
         {
             "persllm_version": __version__,
             "git_revision": git_revision(),
-            "config_path": str(project.config_path),
-            "config": project.resolved(),
+            "config_path": str(workspace.config_path),
         }
     )
-    path = project.layout.manifest
+    path = workspace.layout.manifest
     write_json_atomic(path, manifest)
     return path
 
 
-def record_stage(project: Project, stage: str, *, section: str = "stages", **info: Any) -> None:
+def record_stage(workspace: Workspace, stage: str, *, section: str = "stages", **info: Any) -> None:
     """Merge ``info`` into the stage's manifest entry.
 
     ``section="stages"`` is what each stage says of its own work (counts, status); ``section="pipeline"``
     is what ``persllm run`` keeps to decide skips (fingerprint, status), kept apart so a stage's own
     bookkeeping can never make the pipeline skip an unfinished stage.
     """
-    with file_lock(_lock_path(project.run_dir)):
-        manifest = load_manifest(project.run_dir)
+    with file_lock(_lock_path(workspace.run_dir)):
+        manifest = load_manifest(workspace.run_dir)
         entries = manifest.setdefault(section, {})
         entry = entries.get(stage, {})
         entry.update(info)
         entry["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         entries[stage] = entry
-        _write(project, manifest)
+        _write(workspace, manifest)

@@ -20,7 +20,17 @@ from typing import Any
 
 from persllm import annotate, curate, evaluate, index, pairs
 from persllm.checks import check_before_run
-from persllm.config import Project
+from persllm.config import Project, Workspace
+from persllm.config.stages import (
+    AnnotateSettings,
+    CurateSettings,
+    DPOSettings,
+    EvalSettings,
+    IndexSettings,
+    PairsSettings,
+    SFTSettings,
+    StageSettings,
+)
 from persllm.errors import PartialStage, UserError
 from persllm.hashing import file_hash, stable_hash
 from persllm.layout import STAGE_INPUTS, STAGE_OUTPUTS
@@ -41,41 +51,48 @@ class StageResult:
 @dataclass
 class Stage:
     name: str
-    config_keys: list[str]  # ProjectConfig sections this stage reads
+    settings: type[StageSettings]  # the sections of the project file this stage reads
     upstream: list[str]  # run-folder globs whose contents this stage reads
     outputs: list[str]  # run-folder globs this stage writes (moved aside when its inputs change)
-    run: Callable[[Project, bool], dict[str, Any]]
+    run: Callable[[Any, Workspace, bool], dict[str, Any]]  # (its settings, workspace, resume) -> counts
+
+    @property
+    def config_keys(self) -> list[str]:
+        return self.settings.config_keys()
 
 
 # --------------------------------------------------------------------------- stage runners
+# Each stage gets its own settings and the workspace, never the whole project.
 
 
-def _run_index(project: Project, resume: bool) -> dict[str, Any]:
-    return index.run(project)
+def _run_index(settings: IndexSettings, workspace: Workspace, resume: bool) -> dict[str, Any]:
+    return index.run(settings, workspace)
 
 
-def _run_annotate(project: Project, resume: bool) -> dict[str, Any]:
-    return annotate.run(project)
+def _run_annotate(settings: AnnotateSettings, workspace: Workspace, resume: bool) -> dict[str, Any]:
+    return annotate.run(settings, workspace)
 
 
-def _run_curate(project: Project, resume: bool) -> dict[str, Any]:
-    return curate.run(project)
+def _run_curate(settings: CurateSettings, workspace: Workspace, resume: bool) -> dict[str, Any]:
+    return curate.run(settings, workspace)
 
 
-def _run_pairs(project: Project, resume: bool) -> dict[str, Any]:
-    return pairs.run(project)
+def _run_pairs(settings: PairsSettings, workspace: Workspace, resume: bool) -> dict[str, Any]:
+    return pairs.run(settings, workspace)
 
 
-def _run_sft(project: Project, resume: bool) -> dict[str, Any]:
-    return training_counts({pid: sft.run(project, pid, resume=resume) for pid in project.personas})
+def _run_sft(settings: SFTSettings, workspace: Workspace, resume: bool) -> dict[str, Any]:
+    personas = workspace.personas
+    return training_counts({pid: sft.run(settings, workspace, pid, resume=resume) for pid in personas})
 
 
-def _run_dpo(project: Project, resume: bool) -> dict[str, Any]:
-    return training_counts({pid: dpo.run(project, pid, resume=resume) for pid in project.personas})
+def _run_dpo(settings: DPOSettings, workspace: Workspace, resume: bool) -> dict[str, Any]:
+    personas = workspace.personas
+    return training_counts({pid: dpo.run(settings, workspace, pid, resume=resume) for pid in personas})
 
 
-def _run_eval(project: Project, resume: bool) -> dict[str, Any]:
-    result = evaluate.run(project)
+def _run_eval(settings: EvalSettings, workspace: Workspace, resume: bool) -> dict[str, Any]:
+    result = evaluate.run(settings, workspace)
     # The metrics themselves live in eval/metrics.json; the manifest keeps what the summary shows.
     return {**result["counts"], "systems": len(result["systems"])}
 
@@ -106,19 +123,16 @@ def training_counts(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {**{k: v for k, v in totals.items() if v is not None}, "personas": per_persona}
 
 
-# What training reads of base_model: switching the generation backend does not retrain.
-TRAINED_BASE = ["base_model.model", "base_model.device", "base_model.dtype"]
-
-STAGE_CONFIG: dict[str, list[str]] = {
-    "index": ["embedder", "corpus", "holdout", "seed"],
-    "annotate": ["annotator", "annotate", "retrieval", "seed"],
-    "curate": ["curate", "embedder", "seed"],
-    "pairs": ["pairs", "annotator", "retrieval", "embedder", "base_model", "seed"],
-    "sft": ["sft", "stage_labels", *TRAINED_BASE, "seed"],
-    "dpo": ["dpo", "stage_labels", *TRAINED_BASE, "seed"],
-    "eval": ["eval", "base_model", "retrieval", "embedder", "seed"],
+SETTINGS: dict[str, type[StageSettings]] = {
+    "index": IndexSettings,
+    "annotate": AnnotateSettings,
+    "curate": CurateSettings,
+    "pairs": PairsSettings,
+    "sft": SFTSettings,
+    "dpo": DPOSettings,
+    "eval": EvalSettings,
 }
-RUNNERS = {
+RUNNERS: dict[str, Callable[[Any, Workspace, bool], dict[str, Any]]] = {
     "index": _run_index,
     "annotate": _run_annotate,
     "curate": _run_curate,
@@ -128,7 +142,7 @@ RUNNERS = {
     "eval": _run_eval,
 }
 STAGES = [
-    Stage(name, STAGE_CONFIG[name], STAGE_INPUTS[name], STAGE_OUTPUTS[name], RUNNERS[name])
+    Stage(name, SETTINGS[name], STAGE_INPUTS[name], STAGE_OUTPUTS[name], RUNNERS[name])
     for name in STAGE_NAMES
 ]
 
@@ -159,12 +173,13 @@ def fingerprint(project: Project, stage: Stage) -> str:
         general_path = project.root / general
         persona_inputs["general_data"] = file_hash(general_path) if general_path.exists() else None
     if stage.name == "index":
+        workspace = project.workspace
         for pid in project.personas:
             for st in project.personas[pid].stages:
                 for kind in ("knowledge", "style", "dialogue"):
-                    for path in project.stage_files(pid, st.id, kind):
+                    for path in workspace.stage_files(pid, st.id, kind):
                         persona_inputs[f"{pid}/{st.id}/{kind}/{path.name}"] = file_hash(path)
-            for path in project.dated_dialogue_files(pid):
+            for path in workspace.dated_dialogue_files(pid):
                 persona_inputs[f"{pid}/dialogue/{path.name}"] = file_hash(path)
     return stable_hash(
         {
@@ -242,10 +257,12 @@ def run(
         seconds = round(time.perf_counter() - began, 2)
         partial = counts.get("status") == "partial"
         if partial and not allow_partial:
-            record_stage(project, stage.name, section="pipeline", fingerprint=current, status="partial")
+            record_stage(
+                project.workspace, stage.name, section="pipeline", fingerprint=current, status="partial"
+            )
             raise PartialStage(partial_message(project, stage.name, counts))
         record_stage(
-            project,
+            project.workspace,
             stage.name,
             section="pipeline",
             fingerprint=current,
@@ -261,14 +278,16 @@ def run(
 
 def run_stage(project: Project, stage: Stage, current: str, resume: bool) -> dict[str, Any]:
     """Run one stage, recording it as running, and as interrupted if it is stopped."""
-    record_stage(project, stage.name, section="pipeline", fingerprint=current, status="running")
+    record_stage(project.workspace, stage.name, section="pipeline", fingerprint=current, status="running")
     try:
-        return stage.run(project, resume)
+        return stage.run(stage.settings.of(project.config), project.workspace, resume)
     except KeyboardInterrupt:
-        record_stage(project, stage.name, section="pipeline", fingerprint=current, status="interrupted")
+        record_stage(
+            project.workspace, stage.name, section="pipeline", fingerprint=current, status="interrupted"
+        )
         raise
     except Exception:
-        record_stage(project, stage.name, section="pipeline", fingerprint=current, status="failed")
+        record_stage(project.workspace, stage.name, section="pipeline", fingerprint=current, status="failed")
         raise
     finally:
         release_memory()

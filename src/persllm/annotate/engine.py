@@ -23,7 +23,7 @@ from persllm.annotate.parse import (
 )
 from persllm.annotate.plan import STANCE_ORDER, Item, unit
 from persllm.annotate.retrieval import RetrievalQueue
-from persllm.config import PersonaConfig, Project, StageConfig
+from persllm.config import AnnotateConfig, LLMConfig, PersonaConfig, StageConfig, Workspace
 from persllm.errors import UserError
 from persllm.index.retrieve import Context, Retriever
 from persllm.llm.base import ChatBackend, Completion
@@ -102,24 +102,28 @@ class Annotator:
     """Writes dialogues for one project with one annotator backend.
 
     Args:
-        project: the loaded project (personas, stages, ``annotate`` and ``annotator`` settings).
+        workspace: the project's personas and run folder.
+        annotator: the annotator model's settings; annotate: the ``annotate`` section.
         backend: the annotator model; pass a ``CachedBackend`` to make re-runs free.
         retriever: retrieval over the project's index, for the knowledge and style contexts.
-        params: sampling params of every call (default: ``annotator.params`` of the project).
+        params: sampling params of every call (default: ``annotator.params``).
     """
 
     def __init__(
         self,
-        project: Project,
+        workspace: Workspace,
+        annotator: LLMConfig,
+        annotate: AnnotateConfig,
         backend: ChatBackend,
         retriever: Retriever,
         params: dict[str, Any] | None = None,
     ) -> None:
-        self.project = project
+        self.workspace = workspace
+        self.annotator = annotator
         self.backend = backend
         self.retriever = retriever
-        self.cfg = project.config.annotate
-        base = project.config.annotator.params if params is None else params
+        self.cfg = annotate
+        base = annotator.params if params is None else params
         self.params = {key: value for key, value in base.items() if value is not None}
         self.stats = Stats()
         self.retrieval = RetrievalQueue(retriever)
@@ -205,7 +209,7 @@ class Annotator:
         template turns it into the user turn (see ``parse.topic_question``).
         """
         persona, stage = self._spec(persona_id, stage_id)
-        style = self.cfg.resolved_question_style(self.project.config.annotator.model)
+        style = self.cfg.resolved_question_style(self.annotator.model)
         messages = prompts.build_user_turn_messages(persona, stage, kind, passage, style)
 
         async def attempt(number: int, _mode: str) -> str:
@@ -315,16 +319,14 @@ class Annotator:
         written (``question`` by the annotator, or ``topic`` + template)."""
         if item.source == "annotator":
             return {"source": "annotator"}
-        style = self.cfg.resolved_question_style(self.project.config.annotator.model)
+        style = self.cfg.resolved_question_style(self.annotator.model)
         return {"source": item.source, "ref": item.seed.ref, "question": style}
 
     # ------------------------------------------------------------------ helpers
 
     def modes(self) -> list[str]:
         # Asked per reply: an OpenAI-compatible server may turn out not to support JSON schema mid-run.
-        json_ok = (
-            self.backend.supports_json_schema and self.project.config.annotator.structured_output != "off"
-        )
+        json_ok = self.backend.supports_json_schema and self.annotator.structured_output != "off"
         return attempt_modes(self.cfg.output, self.cfg.max_attempts, json_ok)
 
     async def _one_call(
@@ -378,5 +380,5 @@ class Annotator:
         raise failure
 
     def _spec(self, persona_id: str, stage_id: str) -> tuple[PersonaConfig, StageConfig]:
-        persona = self.project.persona(persona_id)
+        persona = self.workspace.persona(persona_id)
         return persona, persona.stage(stage_id)

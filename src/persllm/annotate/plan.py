@@ -1,6 +1,6 @@
 """Planning the dialogues to annotate: deterministic items with stable ids.
 
-Seeds are drawn from a fixed permutation of each stage's chunks (seeded by ``project.config.seed``,
+Seeds are drawn from a fixed permutation of each stage's chunks (seeded by the project's ``seed``,
 the persona, the stage and the kind), so raising a count only appends items: every earlier item keeps
 its seed and id, and a re-run skips it.
 """
@@ -9,7 +9,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from persllm.config import Project
+from persllm.config.stages import AnnotateSettings
 from persllm.hashing import stable_hash
 from persllm.persona.corpus import Chunk
 
@@ -83,7 +83,7 @@ def make_item(
 
 
 def plan_items(
-    project: Project,
+    settings: AnnotateSettings,
     chunks_of: Callable[[str, str], list[Chunk]],
     personas: list[str],
     stages: dict[str, list[str]],
@@ -101,10 +101,10 @@ def plan_items(
         chunks_of: ``(persona, stage) -> chunks`` that may seed a dialogue (the stage's own material).
         stages: persona id -> the stage ids to plan.
     """
-    cfg = project.config.annotate
+    cfg = settings.annotate
     counts = cfg.counts.model_dump()
-    shares = cfg.own_words_shares(project.config.annotator.model)
-    seed = project.config.seed
+    shares = cfg.own_words_shares(settings.annotator.model)
+    seed = settings.seed
     rows: list[tuple[int, int, Item]] = []
     for persona in personas:
         for stage in stages[persona]:
@@ -142,7 +142,7 @@ def own_item(persona: str, stage: str, kind: str, passage: Chunk, index: int, so
 
 
 def plan_heldout(
-    project: Project,
+    settings: AnnotateSettings,
     heldout_of: Callable[[str, str], list[Chunk]],
     personas: list[str],
     stages: dict[str, list[str]],
@@ -151,8 +151,8 @@ def plan_heldout(
 
     The kind is drawn per passage: ``opinion`` in proportion to the opinion items among own-words items.
     """
-    cfg = project.config.annotate
-    shares = cfg.own_words_shares(project.config.annotator.model)
+    cfg = settings.annotate
+    shares = cfg.own_words_shares(settings.annotator.model)
     weights = {k: cfg.counts.model_dump()[k] * shares.get(k, 0.0) for k in OWN_WORDS_KINDS}
     opinion = weights["opinion"] / sum(weights.values()) if sum(weights.values()) > 0 else 0.0
     items: list[Item] = []

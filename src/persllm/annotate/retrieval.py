@@ -68,7 +68,7 @@ class RetrievalQueue:
     def workers(self) -> int:
         """Batches that may run at once (resolved on first use: it may load torch)."""
         if self._workers is None:
-            self._workers = encoder.query_workers(self.retriever.project.config.embedder)
+            self._workers = encoder.query_workers(self.retriever.embedder)
         return max(1, self._workers)
 
     async def retrieve(self, persona: str, stage: str, query: str, seed: Chunk | None = None) -> Context:

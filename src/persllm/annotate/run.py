@@ -23,7 +23,8 @@ from typing import Any
 from persllm.annotate import prompts
 from persllm.annotate.engine import Annotator, Stats, attempt_modes
 from persllm.annotate.plan import KINDS, Item, item_id, plan_heldout, plan_items
-from persllm.config import Project
+from persllm.config import Workspace
+from persllm.config.stages import AnnotateSettings
 from persllm.errors import UserError
 from persllm.hashing import stable_hash
 from persllm.index.retrieve import Retriever, load_heldout
@@ -42,7 +43,8 @@ DRY_RUN_USER = "[the generated user message goes here]"
 
 
 def run(
-    project: Project,
+    settings: AnnotateSettings,
+    workspace: Workspace,
     personas: list[str] | None = None,
     stages: list[str] | None = None,
     limit: int | None = None,
@@ -62,22 +64,22 @@ def run(
         (malformed after every attempt), ``errors`` (model errors), calls, cached calls, tokens, seconds.
     """
     started = time.perf_counter()
-    cfg = project.config
-    persona_ids = list(personas or project.personas)
-    selected = select_stages(project, persona_ids, stages)
-    retriever = Retriever(project)
+    cfg = settings
+    persona_ids = list(personas or workspace.personas)
+    selected = select_stages(workspace, persona_ids, stages)
+    retriever = Retriever(workspace, settings.embedder, settings.retrieval)
 
     # Plan every item deterministically (training dialogues, then the held-out passages' questions);
     # a limit takes the first ones.
-    plan = plan_items(project, lambda p, s: retriever.chunks(p, s), persona_ids, selected)
+    plan = plan_items(settings, lambda p, s: retriever.chunks(p, s), persona_ids, selected)
     if cfg.annotate.heldout_questions:
-        plan += plan_heldout(project, lambda p, s: load_heldout(project, p, s), persona_ids, selected)
+        plan += plan_heldout(settings, lambda p, s: load_heldout(workspace, p, s), persona_ids, selected)
     items = plan[:limit] if limit is not None else plan
     if dry_run:
-        return dry_run_prompts(project, retriever, items)
+        return dry_run_prompts(settings, workspace, retriever, items)
 
     # Real exchanges (dialogue material) need no annotator: each is written as it is.
-    layout = project.layout
+    layout = workspace.layout
     written = {pid: existing_ids(layout, pid) for pid in persona_ids}
     real = write_real_dialogues(layout, persona_ids, selected, written, limit)
 
@@ -91,7 +93,7 @@ def run(
         "real_dialogues": real,
     }
     tally = Tally(attempts=cfg.annotate.max_attempts)
-    annotator = make_annotator(project, retriever, size) if todo else None
+    annotator = make_annotator(settings, workspace, retriever, size) if todo else None
 
     # Annotate concurrently, appending each record the moment it is complete.
     status = "interrupted"
@@ -105,14 +107,14 @@ def run(
         # Record the stage, whatever happened: what is still missing, and why, in the failures file.
         written = {pid: existing_ids(layout, pid) for pid in persona_ids}
         unwritten = [item for item in plan if item.id not in written[item.persona]]
-        write_failures(project, unwritten, tally)
+        write_failures(layout, unwritten, tally)
         missing = [item for item in unwritten if item.id not in tally.given_up]
         if status == "finished":
             status = "partial" if missing else "done"
         summary.update(tally.counts(annotator), seconds=round(time.perf_counter() - started, 3))
         summary.update(missing=len(missing), given_up=len(unwritten) - len(missing))
         record_stage(
-            project,
+            workspace,
             "annotate",
             status=status,
             personas=persona_ids,
@@ -223,7 +225,7 @@ async def annotate_all(
         await annotator.backend.aclose()
 
 
-def write_failures(project: Project, unwritten: list[Item], tally: Tally) -> None:
+def write_failures(layout: RunLayout, unwritten: list[Item], tally: Tally) -> None:
     """``failures/annotate.jsonl``: every planned item still unwritten, with its reason and attempts."""
 
     rows = [
@@ -240,28 +242,32 @@ def write_failures(project: Project, unwritten: list[Item], tally: Tally) -> Non
         }
         for item in unwritten
     ]
-    path = project.layout.failures("annotate")
+    path = layout.failures("annotate")
     if rows or path.exists():
         write_jsonl(path, rows)
 
 
-def make_annotator(project: Project, retriever: Retriever, concurrency: int) -> Annotator:
+def make_annotator(
+    settings: AnnotateSettings, workspace: Workspace, retriever: Retriever, concurrency: int
+) -> Annotator:
     """The annotator over the project's call cache, allowing ``concurrency`` requests in flight."""
 
-    llm_cfg = project.config.annotator.model_copy(update={"concurrency": concurrency})
-    backend = make_backend(llm_cfg, open_cache(project))
-    return Annotator(project, backend, retriever)
+    llm_cfg = settings.annotator.model_copy(update={"concurrency": concurrency})
+    backend = make_backend(llm_cfg, open_cache(workspace))
+    return Annotator(workspace, settings.annotator, settings.annotate, backend, retriever)
 
 
-def select_stages(project: Project, persona_ids: list[str], stages: list[str] | None) -> dict[str, list[str]]:
+def select_stages(
+    workspace: Workspace, persona_ids: list[str], stages: list[str] | None
+) -> dict[str, list[str]]:
     """persona -> stage ids to annotate; a named stage no selected persona has is a user error."""
     selected: dict[str, list[str]] = {}
     for pid in persona_ids:
-        own = [stage.id for stage in project.persona(pid).stages]
+        own = [stage.id for stage in workspace.persona(pid).stages]
         selected[pid] = [s for s in own if stages is None or s in stages]
     for stage_id in stages or []:
         if not any(stage_id in ids for ids in selected.values()):
-            known = sorted({s.id for pid in persona_ids for s in project.persona(pid).stages})
+            known = sorted({s.id for pid in persona_ids for s in workspace.persona(pid).stages})
             raise UserError(
                 f"--stage {stage_id!r}: no selected persona has that stage; use one of: {', '.join(known)}"
             )
@@ -358,18 +364,22 @@ def exclusive(folder: Path) -> Iterator[None]:
         yield
 
 
-def dry_run_prompts(project: Project, retriever: Retriever, items: list[Item]) -> dict[str, Any]:
+def dry_run_prompts(
+    settings: AnnotateSettings, workspace: Workspace, retriever: Retriever, items: list[Item]
+) -> dict[str, Any]:
     """The exact prompts of the first item, with real retrieved context; no model is called."""
     if not items:
-        raise UserError(f"{project.config_path}: annotate.counts: nothing to annotate; raise a count above 0")
+        raise UserError(
+            f"{workspace.config_path}: annotate.counts: nothing to annotate; raise a count above 0"
+        )
     item = items[0]
-    cfg = project.config
-    persona = project.persona(item.persona)
+    cfg = settings
+    persona = workspace.persona(item.persona)
     stage = persona.stage(item.stage)
     json_ok = cfg.annotator.backend in ("openai", "llamacpp") and cfg.annotator.structured_output != "off"
     mode = attempt_modes(cfg.annotate.output, 1, json_ok)[0]
     if item.source != "annotator":
-        return dry_run_own_words(project, item, len(items))
+        return dry_run_own_words(settings, workspace, item, len(items))
     turns = [{"role": "user", "content": DRY_RUN_USER}]
     context = retriever.retrieve(item.persona, item.stage, item.seed.text, item.seed)
     knowledge, style = context.knowledge_text(), context.style_text()
@@ -402,12 +412,14 @@ def dry_run_item(item: Item, **extra: Any) -> dict[str, Any]:
     return {**ident, "seed": item.seed.ref, **extra}
 
 
-def dry_run_own_words(project: Project, item: Item, planned: int) -> dict[str, Any]:
+def dry_run_own_words(
+    settings: AnnotateSettings, workspace: Workspace, item: Item, planned: int
+) -> dict[str, Any]:
     """The prompts of an own-words or held-out item: the back-written question (and its analysis)."""
-    cfg = project.config.annotate
-    persona = project.persona(item.persona)
+    cfg = settings.annotate
+    persona = workspace.persona(item.persona)
     stage = persona.stage(item.stage)
-    style = cfg.resolved_question_style(project.config.annotator.model)
+    style = cfg.resolved_question_style(settings.annotator.model)
     messages = {
         f"back_{style}": prompts.build_user_turn_messages(persona, stage, item.kind, item.seed.text, style)
     }
@@ -418,7 +430,7 @@ def dry_run_own_words(project: Project, item: Item, planned: int) -> dict[str, A
         "dry_run": True,
         "item": dry_run_item(item, source=item.source),
         "output": "own_words",
-        "params": dict(project.config.annotator.params),
+        "params": dict(settings.annotator.params),
         "messages": messages,
         "planned": planned,
     }

@@ -8,6 +8,7 @@ import typer
 
 from persllm.annotate import run
 from persllm.cli.app import ConfigArg, SetOption, WaitOption, app, load, writing
+from persllm.config.stages import AnnotateSettings
 
 
 @app.command()
@@ -48,7 +49,7 @@ def annotate(
         project.persona(persona_id)
     with writing(project, "annotate", wait):
         result = run(
-            project,
+            *AnnotateSettings.of_project(project),
             personas=persona or None,
             stages=stage or None,
             limit=limit,

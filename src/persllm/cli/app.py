@@ -13,6 +13,7 @@ import typer
 from persllm import __version__, interrupts
 from persllm.config import load_project, parse_set_options
 from persllm.layout import project_lock
+from persllm.manifest import write_manifest
 
 app = typer.Typer(
     name="persllm",
@@ -39,9 +40,11 @@ WaitOption = Annotated[
 
 @contextmanager
 def writing(project: Any, command: str, wait: bool = False) -> Iterator[None]:
-    """Hold the run folder's lock while ``command`` writes to it (a second writer stops, or waits)."""
+    """Hold the run folder's lock while ``command`` writes to it (a second writer stops, or waits); the
+    manifest's config is refreshed first."""
 
     with project_lock(project.layout, command, wait):
+        write_manifest(project)
         yield
 
 

@@ -8,6 +8,7 @@ import typer
 from persllm import curate, pairs
 from persllm.cli.app import ConfigArg, SetOption, WaitOption, app, load, writing
 from persllm.cli.project import table
+from persllm.config.stages import CurateSettings, PairsSettings
 
 PersonaOption = Annotated[
     list[str] | None, typer.Option("--persona", "-p", help="Only this persona (repeatable); default: all.")
@@ -25,7 +26,7 @@ def curate_command(
 
     project = load(config, set_options)
     with writing(project, "curate", wait):
-        result = curate.run(project, personas=persona or None)
+        result = curate.run(*CurateSettings.of_project(project), personas=persona or None)
     rows: list[dict[str, Any]] = []
     removed: Counter[str] = Counter()
     for persona_id, stats in result["personas"].items():
@@ -62,7 +63,7 @@ def pairs_command(
 
     project = load(config, set_options)
     with writing(project, "pairs", wait):
-        result = pairs.run(project, personas=persona or None)
+        result = pairs.run(*PairsSettings.of_project(project), personas=persona or None)
     rows: list[dict[str, Any]] = []
     dropped: Counter[str] = Counter()
     for persona_id, stats in result["personas"].items():

@@ -7,6 +7,7 @@ import typer
 from persllm import evaluate
 from persllm.cli.app import ConfigArg, SetOption, WaitOption, app, load, writing
 from persllm.cli.run import headline
+from persllm.config.stages import EvalSettings
 from persllm.evaluate import report
 
 
@@ -50,7 +51,12 @@ def eval_command(
     project = load(config, set_options)
     names = [name.strip() for name in systems.split(",") if name.strip()] if systems else None
     with writing(project, "eval", wait):
-        result = evaluate.run(project, systems=names, judge=judge, max_items=max_items)
+        result = evaluate.run(
+            *EvalSettings.of_project(project),
+            systems=names,
+            judge=judge,
+            max_items=max_items,
+        )
     for name, reason in result["settings"]["skipped"].items():
         typer.echo(f"skipped {name}: {reason}", err=True)
     typer.echo(headline(project.layout.eval))

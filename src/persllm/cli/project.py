@@ -12,6 +12,7 @@ import typer
 
 from persllm.cli.app import ConfigArg, SetOption, WaitOption, app, load, writing
 from persllm.config import load_project
+from persllm.config.stages import IndexSettings
 from persllm.errors import UserError
 from persllm.index import run
 from persllm.index.retrieve import Retriever
@@ -120,7 +121,11 @@ def index(
 
     project = load(config, set_options)
     with writing(project, "index", wait):
-        result = run(project, personas=persona or None, progress=sys.stderr.isatty())
+        result = run(
+            *IndexSettings.of_project(project),
+            personas=persona or None,
+            progress=sys.stderr.isatty(),
+        )
     columns = [
         "persona", "stage", "chunks", "knowledge", "style", "heldout", "exchanges", "heldout_ex", "embedded",
         "reused",
@@ -164,7 +169,7 @@ def retrieve(
                 f"--persona: the project has several personas; use one of: {', '.join(project.personas)}"
             )
         persona = next(iter(project.personas))
-    context = Retriever(project).retrieve(persona, stage, query, seed=seed)
+    context = Retriever.of(project).retrieve(persona, stage, query, seed=seed)
     if as_json:
         typer.echo(json.dumps(context.to_dict(), indent=2, ensure_ascii=False))
         return

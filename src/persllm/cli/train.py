@@ -12,6 +12,7 @@ import typer
 
 from persllm import __version__
 from persllm.cli.app import ConfigArg, SetOption, WaitOption, app, load, writing
+from persllm.config.stages import DPOSettings, SFTSettings
 from persllm.errors import UserError
 from persllm.jsonl import read_jsonl
 from persllm.layout import write_atomic
@@ -92,9 +93,10 @@ def _train(
     for persona_id in ids:
         project.persona(persona_id)
     # Under `accelerate launch` every rank runs this; the main one holds the run folder for all of them.
+    settings = (SFTSettings if stage == "sft" else DPOSettings).of(project.config)
     with writing(project, f"train {stage}", wait) if _main_process() else nullcontext():
         for persona_id in ids:
-            info = run(project, persona_id, resume=resume)
+            info = run(settings, project.workspace, persona_id, resume=resume)
             if _main_process():
                 typer.echo(_describe(stage, info))
 
@@ -228,8 +230,8 @@ def _vllm_command(project: Any, personas: list[str] | None, variant: str | None)
 
     modules, rank = [], 8
     for persona_id in personas or list(project.personas):
-        chosen = variant or export.pick_variant(project, project.persona(persona_id).id)
-        folder, _ = common.model_dirs(project, persona_id, chosen)
+        chosen = variant or export.pick_variant(project.workspace, project.persona(persona_id).id)
+        folder, _ = common.model_dirs(project.layout, persona_id, chosen)
         problems = vllm_problems(folder) if common.is_adapter(folder) else ["not a LoRA adapter folder"]
         if problems:
             raise UserError(

@@ -13,7 +13,7 @@ from persllm.config.llm import LLMConfig
 from persllm.config.load import load_project, looks_like_path, model_blocks, parse_set_options
 from persllm.config.pairs import PairsConfig
 from persllm.config.persona import TRAITS, PersonaConfig, StageConfig
-from persllm.config.project import EmbedderConfig, Project, ProjectConfig
+from persllm.config.project import EmbedderConfig, Project, ProjectConfig, Workspace
 from persllm.config.train import DPOConfig, SFTConfig
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "SFTConfig",
     "ServeConfig",
     "StageConfig",
+    "Workspace",
     "load_project",
     "looks_like_path",
     "model_blocks",

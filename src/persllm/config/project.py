@@ -125,14 +125,53 @@ class ProjectConfig(Section):
     )
 
 
+@dataclass(frozen=True)
+class Workspace:
+    """Where a project's things live: the config file, the personas and the run folder. No settings: a
+    stage gets this and its own settings (``persllm.config.stages``), never the whole project."""
+
+    config_path: Path
+    run_dir: Path
+    personas: dict[str, PersonaConfig]
+    persona_paths: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def root(self) -> Path:
+        return self.config_path.parent
+
+    @property
+    def layout(self) -> RunLayout:
+        """The paths of the run folder (``persllm.layout``)."""
+        return RunLayout(self.run_dir)
+
+    def persona(self, persona_id: str) -> PersonaConfig:
+        if persona_id not in self.personas:
+            known = ", ".join(self.personas)
+            raise UserError(f"{self.config_path}: no persona {persona_id!r}; use one of: {known}")
+        return self.personas[persona_id]
+
+    def stage_files(self, persona_id: str, stage_id: str, kind: str) -> list[Path]:
+        """The corpus files of one stage's ``kind`` ('knowledge', 'style' or 'dialogue'), sorted."""
+        stage = self.persona(persona_id).stage(stage_id)
+        return expand_globs(getattr(stage, kind), self.persona_paths[persona_id].parent)
+
+    def dated_dialogue_files(self, persona_id: str) -> list[Path]:
+        """The persona's timestamped chats, spread over its stages by date, sorted."""
+        return expand_globs(self.persona(persona_id).dialogue, self.persona_paths[persona_id].parent)
+
+
 @dataclass
 class Project:
-    """A loaded project: its validated config, its personas and where things live."""
+    """A loaded project: its validated config and its workspace (personas and where things live)."""
 
     config: ProjectConfig
     config_path: Path
     personas: dict[str, PersonaConfig]
     persona_paths: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def workspace(self) -> Workspace:
+        return Workspace(self.config_path, self.run_dir, self.personas, self.persona_paths)
 
     @property
     def root(self) -> Path:
@@ -148,21 +187,7 @@ class Project:
         return RunLayout(self.run_dir)
 
     def persona(self, persona_id: str) -> PersonaConfig:
-        if persona_id not in self.personas:
-            known = ", ".join(self.personas)
-            raise UserError(f"{self.config_path}: no persona {persona_id!r}; use one of: {known}")
-        return self.personas[persona_id]
-
-    def stage_files(self, persona_id: str, stage_id: str, kind: str) -> list[Path]:
-        """The corpus files of one stage's ``kind`` ('knowledge', 'style' or 'dialogue'), sorted."""
-        persona = self.persona(persona_id)
-        stage = persona.stage(stage_id)
-        base = self.persona_paths[persona_id].parent
-        return expand_globs(getattr(stage, kind), base)
-
-    def dated_dialogue_files(self, persona_id: str) -> list[Path]:
-        """The persona's timestamped chats, spread over its stages by date, sorted."""
-        return expand_globs(self.persona(persona_id).dialogue, self.persona_paths[persona_id].parent)
+        return self.workspace.persona(persona_id)
 
     def resolved(self) -> dict[str, Any]:
         """The resolved config as plain data, for manifests."""

@@ -8,6 +8,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from persllm.annotate.prompts import PROMPTS
+from persllm.config import EmbedderConfig, Workspace
+from persllm.config.stages import CurateSettings
 from persllm.curate.dedup import COSINE_TOLERANCE, dedup
 from persllm.curate.filters import REAL_SOURCES, check_record, prompt_word_spans, reply_source
 from persllm.curate.format import sft_row
@@ -21,13 +23,13 @@ from persllm.manifest import record_stage
 if TYPE_CHECKING:
     import numpy as np
 
-    from persllm.config import PersonaConfig, Project
+    from persllm.config import PersonaConfig
 
 KIND_ORDER = {"ordinary": 0, "misleading": 1, "opinion": 2}
 TOTALS = ("input", "kept", "train_rows", "test_rows", "general_rows")
 
 
-def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]:
+def run(settings: CurateSettings, workspace: Workspace, personas: list[str] | None = None) -> dict[str, Any]:
     """Curate the annotations of ``personas`` (default: all).
 
     Returns:
@@ -35,22 +37,22 @@ def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]
         ``personas``, each persona's ``stats.json`` entry.
     """
 
-    cfg = project.config.curate
-    seed = project.config.seed
+    cfg = settings.curate
+    seed = settings.seed
     started = time.monotonic()
-    persona_ids = list(dict.fromkeys(personas or project.personas))
+    persona_ids = list(dict.fromkeys(personas or workspace.personas))
 
     # Inputs: every annotation file and the general data are read and checked before anything is written.
     general = (
-        read_general(project.root / cfg.general_data) if cfg.general_data and cfg.general_ratio > 0 else []
+        read_general(workspace.root / cfg.general_data) if cfg.general_data and cfg.general_ratio > 0 else []
     )
-    loaded = {pid: load_annotations(project, pid) for pid in persona_ids}
+    loaded = {pid: load_annotations(workspace, pid) for pid in persona_ids}
     spans = prompt_word_spans(annotator_templates())
 
     summary: dict[str, Any] = {}
     verdicts: list[str] = []
     for persona_id, records in loaded.items():
-        persona = project.persona(persona_id)
+        persona = workspace.persona(persona_id)
         counts = CurateCounts()
 
         # Validation: each record is counted under the first check it fails.
@@ -70,11 +72,11 @@ def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]
         valid.sort(key=lambda r: priority(r, persona))
         unique = valid
         if valid:
-            vectors = embed([asked(r) for r in valid], project.config.embedder)
-            on_topic = topical(valid, vectors, cfg.question_similarity_min, project)
+            vectors = embed([asked(r) for r in valid], settings.embedder)
+            on_topic = topical(valid, vectors, cfg.question_similarity_min, settings.embedder)
             for record in (r for r, ok in zip(valid, on_topic, strict=True) if not ok):
                 counts.add(record["stage"], record["kind"], "off_topic")
-            grounded = grounding(valid, cfg.grounding_min, project)
+            grounded = grounding(valid, cfg.grounding_min, settings.embedder)
             for record in (
                 r for r, ok, topic in zip(valid, grounded, on_topic, strict=True) if topic and not ok
             ):
@@ -89,9 +91,9 @@ def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]
         # An annotator that cannot write this persona stops the run here, before anything trains on it.
         written = [r for r in records if reply_source(r) == "annotator"]
         kept_written = [r for r in valid if reply_source(r) == "annotator"]
-        verdict = annotator_verdict(persona_id, project, len(written), len(kept_written), counts)
+        verdict = annotator_verdict(persona_id, settings, len(written), len(kept_written), counts)
         if verdict:  # every persona is still checked and counted, so the stats say all there is
-            update_stats(project.layout.stats(persona_id), "curate", counts.summary(0, 0, 0))
+            update_stats(workspace.layout.stats(persona_id), "curate", counts.summary(0, 0, 0))
             verdicts.append(verdict)
             continue
 
@@ -116,7 +118,7 @@ def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]
         test_rows = [sft_row(r, persona, cfg.cot, cfg.system_prompt) for r in test]
 
         # Write: data files atomically, then the stats that describe them.
-        layout = project.layout
+        layout = workspace.layout
         write_jsonl(layout.sft_train(persona_id), train_rows)
         write_jsonl(layout.sft_test(persona_id), test_rows)
         stats = counts.summary(len(train_rows), n_general, len(test_rows))
@@ -131,9 +133,9 @@ def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]
 
     # Manifest: what curation did; `persllm run` keeps its own fingerprint of the stage.
     totals = {key: sum(stats[key] for stats in summary.values()) for key in TOTALS}
-    complete = set(persona_ids) == set(project.personas)
+    complete = set(persona_ids) == set(workspace.personas)
     record_stage(
-        project,
+        workspace,
         "curate",
         status="done" if complete else "partial",
         seconds=round(time.monotonic() - started, 3),
@@ -155,23 +157,23 @@ def annotator_templates() -> list[str]:
 
 
 def annotator_verdict(
-    persona_id: str, project: "Project", written: int, kept: int, counts: CurateCounts
+    persona_id: str, settings: CurateSettings, written: int, kept: int, counts: CurateCounts
 ) -> str | None:
     """The one line that stops the run when too few annotator-written dialogues survive, or None."""
-    minimum = project.config.curate.annotator_min_kept
+    minimum = settings.curate.annotator_min_kept
     if written == 0 or kept >= minimum * written:
         return None
     removed = counts.summary(0, 0, 0)["removed"]
     reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(removed.items(), key=lambda x: -x[1]) if n)
     return (
-        f"annotator {project.config.annotator.model}: only {kept} of {written} dialogues it wrote for "
+        f"annotator {settings.annotator.model}: only {kept} of {written} dialogues it wrote for "
         f"{persona_id!r} passed the checks ({reasons}), under curate.annotator_min_kept {minimum}; nothing "
         "was trained. Use a stronger annotator, add the person's own words (style) or real exchanges "
         "(dialogue), or set annotate.counts to what your own words cover"
     )
 
 
-def grounding(records: list[dict[str, Any]], minimum: float, project: "Project") -> "np.ndarray":
+def grounding(records: list[dict[str, Any]], minimum: float, embedder: EmbedderConfig) -> "np.ndarray":
     """Keep mask: False for annotator replies less similar to their retrieved context than ``minimum``."""
     import numpy as np
 
@@ -180,9 +182,9 @@ def grounding(records: list[dict[str, Any]], minimum: float, project: "Project")
     if written:
         replies = embed(
             [" ".join(t["content"] for t in records[i]["turns"][1::2]) for i in written],
-            project.config.embedder,
+            embedder,
         )
-        contexts = embed([context_text(records[i]) for i in written], project.config.embedder)
+        contexts = embed([context_text(records[i]) for i in written], embedder)
         mask[written] = np.sum(replies * contexts, axis=1) >= minimum - COSINE_TOLERANCE
     return mask
 
@@ -193,7 +195,7 @@ def context_text(record: dict[str, Any]) -> str:
 
 
 def topical(
-    records: list[dict[str, Any]], questions: "np.ndarray", minimum: float, project: "Project"
+    records: list[dict[str, Any]], questions: "np.ndarray", minimum: float, embedder: EmbedderConfig
 ) -> "np.ndarray":
     """Keep mask: False for own-words records whose question-passage cosine is below ``minimum``."""
     import numpy as np
@@ -201,16 +203,16 @@ def topical(
     mask = np.ones(len(records), dtype=bool)
     own = [i for i, r in enumerate(records) if reply_source(r) == "own_words"]
     if own:
-        passages = embed([records[i]["turns"][1]["content"] for i in own], project.config.embedder)
+        passages = embed([records[i]["turns"][1]["content"] for i in own], embedder)
         cosines = np.sum(questions[own] * passages, axis=1)
         mask[own] = cosines >= minimum - COSINE_TOLERANCE
     return mask
 
 
-def load_annotations(project: "Project", persona_id: str) -> list[dict[str, Any]]:
+def load_annotations(workspace: Workspace, persona_id: str) -> list[dict[str, Any]]:
     """The annotation records of one persona; a missing file is a UserError saying to annotate first."""
-    project.persona(persona_id)
-    path = project.layout.dialogues(persona_id)
+    workspace.persona(persona_id)
+    path = workspace.layout.dialogues(persona_id)
     if not path.exists():
         raise UserError(f"{path}: no annotations for persona {persona_id!r}; run `persllm annotate` first")
     return read_jsonl(path)

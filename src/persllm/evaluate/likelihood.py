@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 
 from persllm import stats
-from persllm.config import Project
+from persllm.config import Workspace
 from persllm.config.evaluate import DECOY_KINDS
+from persllm.config.stages import EvalSettings
 from persllm.evaluate.systems import (
     BUILTIN,
     Item,
@@ -62,7 +63,9 @@ class Plan:
     other_stages: list[Item]  # the item re-prompted at each other stage of its persona
 
 
-def plan(project: Project, items: list[Item], kinds: list[str], seed: int) -> list[Plan]:
+def plan(
+    settings: EvalSettings, workspace: Workspace, items: list[Item], kinds: list[str], seed: int
+) -> list[Plan]:
     """Decoys and stage variants for every held-out item; a decoy that has no candidate is left out."""
     by_persona_stage: dict[tuple[str, str], list[Item]] = {}
     for item in items:
@@ -87,7 +90,7 @@ def plan(project: Project, items: list[Item], kinds: list[str], seed: int) -> li
             pool = [i for i in pools[kind] if i.reference != item.reference]
             if pool:
                 decoys[kind] = pool[int(rng.integers(len(pool)))].reference
-        persona = project.persona(item.persona)
+        persona = workspace.persona(item.persona)
         others = []
         for stage in persona.stages:
             if stage.id != item.stage:
@@ -190,7 +193,8 @@ def summarise(
 
 
 def run(
-    project: Project,
+    settings: EvalSettings,
+    workspace: Workspace,
     systems: list[System],
     items: list[Item],
     context: Context,
@@ -199,19 +203,19 @@ def run(
 ) -> dict[str, Any]:
     """The likelihood metrics of ``systems`` on the held-out own-words ``items`` (metrics.json's
     ``likelihood``); a system that cannot be scored is recorded in ``skipped``."""
-    cfg = project.config.eval.likelihood
+    cfg = settings.eval.likelihood
     if not cfg.enabled:
         return {}
     items = [item for item in items if item.set == "heldout"]
     if not items:
         skipped["likelihood"] = "no held-out own words with questions: set holdout.share above 0"
         return {}
-    plans = plan(project, items, list(cfg.decoys), project.config.seed)
+    plans = plan(settings, workspace, items, list(cfg.decoys), settings.seed)
     if all(not p.other_stages for p in plans):
         skipped["stage discrimination"] = "every persona has one stage; stage_wins needs two or more"
     scorers = {}
     for system in systems:
-        scorer = scorer_for(project, system, backends, cfg.max_tokens)
+        scorer = scorer_for(settings, workspace, system, backends, cfg.max_tokens)
         if isinstance(scorer, str):
             skipped[f"{system.name} (likelihood)"] = scorer
         else:
@@ -226,9 +230,7 @@ def run(
     }
     if not per_system:
         return {}
-    summary = summarise(
-        per_system, plans, project.config.eval.baseline, project.config.eval.resamples, project.config.seed
-    )
+    summary = summarise(per_system, plans, settings.eval.baseline, settings.eval.resamples, settings.seed)
     return {
         **summary,
         "definitions": DEFINITIONS,
@@ -245,7 +247,7 @@ def run(
 
 
 def scorer_for(
-    project: Project, system: System, backends: dict[str, Any], max_tokens: int
+    settings: EvalSettings, workspace: Workspace, system: System, backends: dict[str, Any], max_tokens: int
 ) -> Callable[[str, list[list[Message]], list[str]], list[float]] | str:
     """``score(persona, conversations, replies)`` for a system, or why it cannot be scored."""
 
@@ -255,13 +257,13 @@ def scorer_for(
     if llm.backend == "llamacpp":
         if system.name not in BUILTIN:
             return "a llama.cpp model outside the pipeline: no transformers weights to score it with"
-        llm = llm.model_copy(update={"backend": "transformers", "model": project.config.base_model.model})
+        llm = llm.model_copy(update={"backend": "transformers", "model": settings.base_model.model})
     key = llm.model_dump_json(exclude={"adapter", "params"})
     if key not in backends:
         backends[key] = TransformersBackend(llm.model_copy(update={"adapter": None}))
     backend = getattr(backends[key], "inner", backends[key])
     names: dict[str, str | None] = {}
-    for persona in project.personas:
+    for persona in workspace.personas:
         folder = system.adapters.get(persona) if system.mode == "trained" else None
         if folder is None:
             names[persona] = BASE_ADAPTER

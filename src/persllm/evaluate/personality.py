@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from persllm.config import TRAITS
+from persllm.config import TRAITS, Workspace
 from persllm.config.llm import LLMConfig
+from persllm.config.stages import EvalSettings
 from persllm.errors import UserError
 from persllm.evaluate.judge import render
 from persllm.evaluate.systems import Item as Held
@@ -23,7 +24,6 @@ from persllm.llm import make_backend
 from persllm.prompting import split_inline
 
 if TYPE_CHECKING:
-    from persllm.config import Project
     from persllm.evaluate.systems import System
 
 TRAIT_COLUMNS = ("label_ocean", "trait", "ocean", "domain")
@@ -143,7 +143,8 @@ def profile_distance(means: dict[str, float], target: dict[str, float] | None) -
 
 
 def interview(
-    project: "Project",
+    settings: EvalSettings,
+    workspace: Workspace,
     systems: list["System"],
     cache: Any,
     judge: LLMConfig | None,
@@ -156,7 +157,7 @@ def interview(
     ``{system: {persona: {traits, target, distance, answered, asked}}}``; ``backends`` are reused models.
     """
 
-    cfg = project.config.eval
+    cfg = settings.eval
     assert cfg.questionnaire is not None
     path = Path(cfg.questionnaire)
     where = (
@@ -164,18 +165,18 @@ def interview(
         if cfg.questionnaire in BUNDLED
         else path
         if path.is_absolute()
-        else project.root / path
+        else workspace.root / path
     )
     questions = select_items(load_questionnaire(where), cfg.questionnaire_items)
 
     # One interview per system x persona, at the persona's latest stage, prompted as in evaluation.
-    context = retrieval_context(project)
+    context = retrieval_context(settings, workspace)
     requests: list[Request] = []
     keys: list[tuple[str, str, Item]] = []
     for system in systems:
         batch: list[Request] = []
         try:
-            for persona in project.personas.values():
+            for persona in workspace.personas.values():
                 stage = persona.stages[-1]
                 full, brief = stage_prompts(persona, stage)
                 for index, question in enumerate(questions):
@@ -200,7 +201,8 @@ def interview(
             continue
         requests += batch
     answers = [
-        split_inline(c.text)[1] for c in generate(project, requests, dict(cfg.params), cache, backends)
+        split_inline(c.text)[1]
+        for c in generate(settings, workspace, requests, dict(cfg.params), cache, backends)
     ]
 
     # Scores: the judge's reading of each answer, or the rating the answer states.
@@ -218,7 +220,7 @@ def interview(
     result: dict[str, Any] = defaultdict(dict)
     for (system_name, persona_id), count in asked.items():
         means = trait_means(collected[(system_name, persona_id)])
-        target = project.persona(persona_id).personality
+        target = workspace.persona(persona_id).personality
         result[system_name][persona_id] = {
             "traits": means,
             "target": target,

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from persllm import stats
-from persllm.config import Project
+from persllm.config import Workspace
 from persllm.config.llm import LLMConfig
+from persllm.config.stages import EvalSettings
 from persllm.evaluate import probes as probing
 from persllm.evaluate.judge import parse_yes_no, render
 from persllm.evaluate.metrics import nearest_centroid_predict
@@ -43,16 +44,18 @@ METRICS = names("robustness")
 LOWER_IS_BETTER = lower_is_better("robustness")
 
 
-def plan(project: Project) -> tuple[list[Probe], dict[str, str]]:
+def plan(settings: EvalSettings, workspace: Workspace) -> tuple[list[Probe], dict[str, str]]:
     """Every persona's probes and the kinds skipped, from the corpus (held-out passages included: a
     probe asks about the person's life, it never shows the passage)."""
 
-    cfg = project.config.eval.robustness
+    cfg = settings.eval.robustness
     found: list[Probe] = []
     skipped: dict[str, str] = {}
-    for persona_id, persona in project.personas.items():
+    for persona_id, persona in workspace.personas.items():
         stages = [
-            probing.StageText(s.id, [c.text for c in read_stage_chunks(project, persona_id, s.id)])
+            probing.StageText(
+                s.id, [c.text for c in read_stage_chunks(workspace, settings.corpus, persona_id, s.id)]
+            )
             for s in persona.stages
         ]
         made, why = probing.build_probes(
@@ -62,7 +65,7 @@ def plan(project: Project) -> tuple[list[Probe], dict[str, str]]:
             cfg.probes_per_stage,
             cfg.pressure_turns,
             cfg.distractors,
-            project.config.seed,
+            settings.seed,
         )
         found += made
         skipped.update(why)
@@ -79,7 +82,8 @@ def schedule(probe: Probe, turns: int) -> list[str | None]:
 
 
 def run(
-    project: Project,
+    settings: EvalSettings,
+    workspace: Workspace,
     planned: list[System],
     cache: Any,
     backends: dict[str, Any],
@@ -87,20 +91,18 @@ def run(
     embed: Embed,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Ask every planned system every probe; returns (one record per system x probe, the metrics)."""
-    cfg = project.config.eval.robustness
-    probe_list, skipped = plan(project)
-    emulator_cfg = cfg.emulator or project.config.annotator
+    cfg = settings.eval.robustness
+    probe_list, skipped = plan(settings, workspace)
+    emulator_cfg = cfg.emulator or settings.annotator
     records: list[dict[str, Any]] = []
     for system in planned:
-        records += converse(project, system, probe_list, cache, backends, emulator_cfg)
+        records += converse(settings, workspace, system, probe_list, cache, backends, emulator_cfg)
     by_id = {p.id: p for p in probe_list}
-    check(project, records, by_id, embed)
+    check(settings, workspace, records, by_id, embed)
     if judge is not None:
-        judge_records(project, judge, cache, records, by_id)
-    baseline = project.config.eval.baseline
-    result = summarise(
-        records, [p.id for p in probe_list], baseline, project.config.eval.resamples, project.config.seed
-    )
+        judge_records(settings, workspace, judge, cache, records, by_id)
+    baseline = settings.eval.baseline
+    result = summarise(records, [p.id for p in probe_list], baseline, settings.eval.resamples, settings.seed)
     result["skipped"] = skipped
     result["settings"] = {**cfg.model_dump(exclude={"emulator"}), "emulator": emulator_cfg.model}
     return records, result
@@ -110,7 +112,8 @@ def run(
 
 
 def converse(
-    project: Project,
+    settings: EvalSettings,
+    workspace: Workspace,
     system: System,
     probe_list: list[Probe],
     cache: Any,
@@ -118,16 +121,16 @@ def converse(
     emulator_cfg: LLMConfig,
 ) -> list[dict[str, Any]]:
     """Run every probe's conversation with one system, a round (one user turn each) at a time."""
-    cfg = project.config.eval.robustness
-    params = {**project.config.eval.params, "n_sample": 0}
+    cfg = settings.eval.robustness
+    params = {**settings.eval.params, "n_sample": 0}
     plans = {p.id: schedule(p, cfg.conversation_turns) for p in probe_list}
     records = {p.id: record_of(system, p) for p in probe_list}
     messages: dict[str, list[Message]] = {}
-    retrieval = retrieval_context(project) if system.mode == "rag" else None
+    retrieval = retrieval_context(settings, workspace) if system.mode == "rag" else None
     for round_number in range(max(len(turns) for turns in plans.values())):
         live = [p for p in probe_list if round_number < len(plans[p.id]) and not records[p.id]["error"]]
         emulated = [p for p in live if plans[p.id][round_number] is EMULATED]
-        written = emulator_turns(project, emulator_cfg, cache, [records[p.id] for p in emulated])
+        written = emulator_turns(settings, workspace, emulator_cfg, cache, [records[p.id] for p in emulated])
         requests: list[Request] = []
         for probe in live:
             turn = plans[probe.id][round_number]
@@ -135,7 +138,7 @@ def converse(
             if text is None:
                 continue  # the emulator failed; its error is on the record
             if round_number == 0:
-                messages[probe.id] = first_messages(project, system, probe, text, retrieval)
+                messages[probe.id] = first_messages(settings, workspace, system, probe, text, retrieval)
             else:
                 messages[probe.id].append({"role": "user", "content": text})
             records[probe.id]["turns"].append({"user": text, "reply": "", "emulated": turn is EMULATED})
@@ -145,7 +148,7 @@ def converse(
         if not requests:
             continue
         try:
-            answers = generate(project, requests, params, cache, backends)
+            answers = generate(settings, workspace, requests, params, cache, backends)
         except Exception as exc:  # a failing backend ends these conversations, not the evaluation
             for request in requests:
                 records[request.item]["error"] = f"round {round_number}: {type(exc).__name__}: {exc}"
@@ -162,10 +165,15 @@ def record_of(system: System, probe: Probe) -> dict[str, Any]:
 
 
 def first_messages(
-    project: Project, system: System, probe: Probe, text: str, retrieval: Any = None
+    settings: EvalSettings,
+    workspace: Workspace,
+    system: System,
+    probe: Probe,
+    text: str,
+    retrieval: Any = None,
 ) -> list[Message]:
     """The system's prompt and first user turn, exactly as ``eval`` prompts that system (label included)."""
-    persona = project.personas[probe.persona]
+    persona = workspace.personas[probe.persona]
     stage = persona.stage(probe.stage)
     full, brief = stage_prompts(persona, stage)
     item = Item(probe.id, probe.persona, probe.stage, probe.kind, stage.label, full, text, "", brief=brief)
@@ -173,17 +181,17 @@ def first_messages(
 
 
 def emulator_turns(
-    project: Project, cfg: LLMConfig, cache: Any, records: list[dict[str, Any]]
+    settings: EvalSettings, workspace: Workspace, cfg: LLMConfig, cache: Any, records: list[dict[str, Any]]
 ) -> dict[str, str]:
     """The emulator's next message for each record's conversation; a failure or timeout is recorded."""
     if not records:
         return {}
 
-    limit = project.config.eval.robustness.turn_timeout_s
-    params = {**cfg.params, "max_tokens": 60, "seed": project.config.seed}
+    limit = settings.eval.robustness.turn_timeout_s
+    params = {**cfg.params, "max_tokens": 60, "seed": settings.seed}
 
     async def one(record: dict[str, Any]) -> str:
-        persona = project.personas[record["persona"]]
+        persona = workspace.personas[record["persona"]]
         transcript = "\n".join(
             f"You: {t['user']}\n{persona.name}: {t['reply']}" for t in record["turns"][-4:]
         )
@@ -225,12 +233,18 @@ def emulator_turns(
 # --------------------------------------------------------------------------- checks
 
 
-def check(project: Project, records: list[dict[str, Any]], by_id: dict[str, Probe], embed: Embed) -> None:
+def check(
+    settings: EvalSettings,
+    workspace: Workspace,
+    records: list[dict[str, Any]],
+    by_id: dict[str, Probe],
+    embed: Embed,
+) -> None:
     """The offline checks of ``evaluate.probes`` on every record, in place (``record["offline"]``)."""
 
-    cfg = project.config.eval.robustness
+    cfg = settings.eval.robustness
     vectors = Embeddings(embed)
-    material = stage_material(project)
+    material = stage_material(settings, workspace)
     style = vectors(material.style_texts) if material.style_texts else None
     for record in records:
         probe, replies = by_id[record["probe"]], [t["reply"] for t in record["turns"]]
@@ -299,15 +313,20 @@ VERDICT_OF = {
 
 
 def judge_records(
-    project: Project, cfg: LLMConfig, cache: Any, records: list[dict[str, Any]], by_id: dict[str, Probe]
+    settings: EvalSettings,
+    workspace: Workspace,
+    cfg: LLMConfig,
+    cache: Any,
+    records: list[dict[str, Any]],
+    by_id: dict[str, Probe],
 ) -> None:
     """The judge's yes/no on every checked answer (``record["judge"]``); unreadable verdicts are None."""
 
-    params = dict(project.config.eval.judge_params)
+    params = dict(settings.eval.judge_params)
 
     async def ask(record: dict[str, Any]) -> dict[str, Any]:
         probe = by_id[record["probe"]]
-        persona = project.personas[probe.persona]
+        persona = workspace.personas[probe.persona]
         turns = record["turns"]
         asked = turns[:1] if probe.kind in ("boundary", "past", "premise") else turns
         if probe.kind == "sycophancy":

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from persllm.config import Workspace
+from persllm.config.stages import EvalSettings
 from persllm.errors import UserError
 from persllm.evaluate import judge as judging
 from persllm.evaluate import likelihood, personality, report, robustness, scores
@@ -37,7 +39,6 @@ from persllm.prompting import split_inline
 from persllm.train import card
 
 if TYPE_CHECKING:
-    from persllm.config import Project
     from persllm.config.llm import LLMConfig
 
 
@@ -81,7 +82,8 @@ class Laps:
 
 
 def run(
-    project: "Project",
+    settings: EvalSettings,
+    workspace: Workspace,
     systems: list[str] | None = None,
     judge: "LLMConfig | str | None" = None,
     max_items: int | None = None,
@@ -89,7 +91,8 @@ def run(
     """Evaluate ``systems`` (default ``eval.systems``) on every persona x stage; returns metrics.json's data.
 
     Args:
-        project: the loaded project.
+        settings: the sections the evaluation reads (``EvalSettings.of(project.config)``).
+        workspace: the project's personas and run folder (``project.workspace``).
         systems: system names (prompt, rag, sft, sft+dpo, extra systems); missing models are skipped.
         judge: a judge config, model name, URL or ``MODEL@URL`` replacing ``eval.judge``.
         max_items: held-out items per persona x stage (default ``eval.max_items``, else all).
@@ -97,68 +100,77 @@ def run(
     started = time.monotonic()
 
     # ---------------------------------------------------------------- inputs
-    inputs = gather_inputs(project, systems, judge, max_items)
-    record_stage(project, "eval", status="running", systems=[s.name for s in inputs.planned])
+    inputs = gather_inputs(settings, workspace, systems, judge, max_items)
+    record_stage(workspace, "eval", status="running", systems=[s.name for s in inputs.planned])
 
     # ---------------------------------------------------------------- prompts
-    context = retrieval_context(project)
-    requests = build_requests(project, inputs, context)
+    context = retrieval_context(settings, workspace)
+    requests = build_requests(settings, workspace, inputs, context)
 
     # ---------------------------------------------------------------- answers, likelihood, probes
     laps = Laps()
-    answers = answer(project, inputs, requests, context, laps)
+    answers = answer(settings, workspace, inputs, requests, context, laps)
 
     # ---------------------------------------------------------------- judge
-    judge_validity = judge_answers(project, inputs, answers.rows)
+    judge_validity = judge_answers(settings, workspace, inputs, answers.rows)
     laps.lap("judge")
 
     # ---------------------------------------------------------------- metrics
     scored = scores.score(
-        project,
+        settings,
+        workspace,
         answers.rows,
-        encoder_of(project),
-        project.config.eval.baseline,
-        project.config.eval.resamples,
+        encoder_of(settings, workspace),
+        settings.eval.baseline,
+        settings.eval.resamples,
     )
     laps.lap("scoring")
 
     # ---------------------------------------------------------------- outputs
-    result = metrics_of(project, inputs, answers, scored, judge_validity, laps.seconds, max_items)
-    write_outputs(project, inputs, answers, result)
-    record_done(project, inputs, result, time.monotonic() - started)
+    result = metrics_of(settings, workspace, inputs, answers, scored, judge_validity, laps.seconds, max_items)
+    write_outputs(settings, workspace, inputs, answers, result)
+    record_done(settings, workspace, inputs, result, time.monotonic() - started)
     return result
 
 
 def gather_inputs(
-    project: "Project", systems: list[str] | None, judge: "LLMConfig | str | None", max_items: int | None
+    settings: EvalSettings,
+    workspace: Workspace,
+    systems: list[str] | None,
+    judge: "LLMConfig | str | None",
+    max_items: int | None,
 ) -> Inputs:
     """The systems that can run, the annotator-golden and held-out items, the judge; why anything is
     skipped."""
-    cfg = project.config.eval
-    planned, skipped = plan_systems(project, systems or cfg.systems)
+    cfg = settings.eval
+    planned, skipped = plan_systems(settings, workspace, systems or cfg.systems)
     inputs = Inputs(
         planned=planned,
         skipped=skipped,
-        golden=load_items(project, max_items or cfg.max_items),
-        heldout=load_heldout_items(project, max_items or cfg.heldout_items),
-        passages=load_heldout_items(project, cfg.likelihood.max_items),
+        golden=load_items(settings, workspace, max_items or cfg.max_items),
+        heldout=load_heldout_items(settings, workspace, max_items or cfg.heldout_items),
+        passages=load_heldout_items(settings, workspace, cfg.likelihood.max_items),
         judge=judging.resolve_judge(cfg.judge, judge),
     )
     if not inputs.items:
         raise UserError(
-            f"{project.layout.data}: no evaluation items (sft_test.jsonl or held-out questions); "
+            f"{workspace.layout.data}: no evaluation items (sft_test.jsonl or held-out questions); "
             "run `persllm annotate` and `persllm curate` first"
         )
-    for persona_id in sorted(set(project.personas) - {item.persona for item in inputs.golden}):
-        skipped[f"persona {persona_id} (annotator-golden)"] = no_golden_reason(project, persona_id)
-    for persona_id in sorted(set(project.personas) - {item.persona for item in inputs.heldout}):
+    for persona_id in sorted(set(workspace.personas) - {item.persona for item in inputs.golden}):
+        skipped[f"persona {persona_id} (annotator-golden)"] = no_golden_reason(
+            settings, workspace, persona_id
+        )
+    for persona_id in sorted(set(workspace.personas) - {item.persona for item in inputs.heldout}):
         skipped[f"persona {persona_id} (held-out)"] = (
             "no held-out own words with questions: set holdout.share above 0 and annotate.heldout_questions"
         )
     return inputs
 
 
-def build_requests(project: "Project", inputs: Inputs, context: Any) -> list[Request]:
+def build_requests(
+    settings: EvalSettings, workspace: Workspace, inputs: Inputs, context: Any
+) -> list[Request]:
     """Every system's prompt for every item and sample; a system whose prompts cannot be built (rag with
     no index) is skipped with the reason."""
     requests: list[Request] = []
@@ -172,7 +184,7 @@ def build_requests(project: "Project", inputs: Inputs, context: Any) -> list[Req
         for item, messages in zip(inputs.items, conversations, strict=True):
             requests += [
                 Request(system, item.persona, item.stage, messages, k, item.id)
-                for k in range(project.config.eval.samples)
+                for k in range(settings.eval.samples)
             ]
     if not inputs.planned:
         reasons = "; ".join(f"{k}: {v}" for k, v in inputs.skipped.items())
@@ -180,18 +192,25 @@ def build_requests(project: "Project", inputs: Inputs, context: Any) -> list[Req
     return requests
 
 
-def encoder_of(project: "Project") -> Callable[[list[str]], Any]:
+def encoder_of(settings: EvalSettings, workspace: Workspace) -> Callable[[list[str]], Any]:
     def encode(texts: list[str]) -> Any:
-        return embed(texts, project.config.embedder)
+        return embed(texts, settings.embedder)
 
     return encode
 
 
-def answer(project: "Project", inputs: Inputs, requests: list[Request], context: Any, laps: Laps) -> Answers:
+def answer(
+    settings: EvalSettings,
+    workspace: Workspace,
+    inputs: Inputs,
+    requests: list[Request],
+    context: Any,
+    laps: Laps,
+) -> Answers:
     """Generation, then the likelihood, the questionnaire and the robustness probes with the models still
     loaded; the ``<think>`` analysis is split off every answer."""
-    cfg = project.config.eval
-    cache = open_cache(project)
+    cfg = settings.eval
+    cache = open_cache(workspace)
     backends: dict[str, Any] = {}
     names = ", ".join(system.name for system in inputs.planned)
     print(
@@ -201,18 +220,20 @@ def answer(project: "Project", inputs: Inputs, requests: list[Request], context:
     )
     planned, skipped = inputs.planned, inputs.skipped
     try:
-        completions = generate(project, requests, dict(cfg.params), cache, backends)
+        completions = generate(settings, workspace, requests, dict(cfg.params), cache, backends)
         laps.lap("generation")
-        fidelity = likelihood.run(project, planned, inputs.passages, context, backends, skipped)
+        fidelity = likelihood.run(settings, workspace, planned, inputs.passages, context, backends, skipped)
         laps.lap("likelihood")
         traits = (
-            personality.interview(project, planned, cache, inputs.judge, skipped, backends)
+            personality.interview(settings, workspace, planned, cache, inputs.judge, skipped, backends)
             if cfg.questionnaire
             else {}
         )
         laps.lap("questionnaire")
         probe_records, robust = (
-            robustness.run(project, planned, cache, backends, inputs.judge, encoder_of(project))
+            robustness.run(
+                settings, workspace, planned, cache, backends, inputs.judge, encoder_of(settings, workspace)
+            )
             if cfg.robustness.enabled
             else ([], {})
         )
@@ -226,19 +247,21 @@ def answer(project: "Project", inputs: Inputs, requests: list[Request], context:
     return Answers(rows, fidelity, traits, probe_records, robust)
 
 
-def judge_answers(project: "Project", inputs: Inputs, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def judge_answers(
+    settings: EvalSettings, workspace: Workspace, inputs: Inputs, rows: list[dict[str, Any]]
+) -> dict[str, Any]:
     """The judge's own accuracy at telling the real passage from decoys first, then its agreement, false
     premises and two-order preference against the baseline (written into ``rows``)."""
-    cfg = project.config.eval
+    cfg = settings.eval
     if inputs.judge is None:
         if cfg.second_judge is not None:
             inputs.skipped["second_judge"] = (
                 "eval.second_judge needs eval.judge (agreement is between two judges)"
             )
         return {}
-    cache = open_cache(project)
+    cache = open_cache(workspace)
     params = dict(cfg.judge_params)
-    personas = {f"{p.id}/{s.id}": (p.name, s.time) for p in project.personas.values() for s in p.stages}
+    personas = {f"{p.id}/{s.id}": (p.name, s.time) for p in workspace.personas.values() for s in p.stages}
     baseline = cfg.baseline if any(s.name == cfg.baseline for s in inputs.planned) else None
     if baseline is None:
         inputs.skipped.setdefault(
@@ -248,10 +271,10 @@ def judge_answers(project: "Project", inputs: Inputs, rows: list[dict[str, Any]]
         inputs.judge,
         cache,
         params,
-        likelihood.plan(project, inputs.passages, list(cfg.likelihood.decoys), project.config.seed),
+        likelihood.plan(settings, workspace, inputs.passages, list(cfg.likelihood.decoys), settings.seed),
         personas,
         cfg.resamples,
-        project.config.seed,
+        settings.seed,
     )
     judging.judge_all(inputs.judge, cache, params, rows, baseline, personas)
     if cfg.second_judge is not None:
@@ -260,7 +283,8 @@ def judge_answers(project: "Project", inputs: Inputs, rows: list[dict[str, Any]]
 
 
 def metrics_of(
-    project: "Project",
+    settings: EvalSettings,
+    workspace: Workspace,
     inputs: Inputs,
     answers: Answers,
     scored: dict[str, Any],
@@ -269,7 +293,7 @@ def metrics_of(
     max_items: int | None,
 ) -> dict[str, Any]:
     """The contents of ``metrics.json``."""
-    cfg = project.config.eval
+    cfg = settings.eval
     judge_cfg = inputs.judge
     return {
         "definitions": DEFINITIONS,
@@ -279,14 +303,14 @@ def metrics_of(
             "samples": cfg.samples,
             "params": dict(cfg.params),
             "max_items": max_items or cfg.max_items,
-            "base_model": project.config.base_model.model,
-            "generation_backend": project.config.base_model.backend,
+            "base_model": settings.base_model.model,
+            "generation_backend": settings.base_model.backend,
             "judge": judge_cfg.model if judge_cfg else None,
             "judge_params": dict(cfg.judge_params) if judge_cfg else None,
             "second_judge": cfg.second_judge.model if cfg.second_judge and judge_cfg else None,
             "baseline": cfg.baseline,
-            "embedder": project.config.embedder.model,
-            "seed": project.config.seed,
+            "embedder": settings.embedder.model,
+            "seed": settings.seed,
             "resamples": cfg.resamples,
             "confidence": 0.95,
         },
@@ -302,7 +326,7 @@ def metrics_of(
         "differences": scored["differences"],
         "reference": scored["reference"],
         "personality": answers.traits,
-        "judging": judging.hygiene(answers.rows, cfg.baseline, cfg.resamples, project.config.seed)
+        "judging": judging.hygiene(answers.rows, cfg.baseline, cfg.resamples, settings.seed)
         if judge_cfg
         else {},
         "judge_validity": judge_validity,
@@ -311,9 +335,11 @@ def metrics_of(
     }
 
 
-def write_outputs(project: "Project", inputs: Inputs, answers: Answers, result: dict[str, Any]) -> None:
+def write_outputs(
+    settings: EvalSettings, workspace: Workspace, inputs: Inputs, answers: Answers, result: dict[str, Any]
+) -> None:
     """Generations, probes, metrics and the report; each trained folder's card gets its headline."""
-    layout = project.layout
+    layout = workspace.layout
     write_jsonl(layout.generations, answers.rows)
     write_jsonl(layout.robustness, answers.probe_records)
     write_json_atomic(layout.metrics, result)
@@ -324,12 +350,14 @@ def write_outputs(project: "Project", inputs: Inputs, answers: Answers, result: 
                 card.write_evaluation(folder, card.evaluation_lines(result, system.name, persona_id))
 
 
-def record_done(project: "Project", inputs: Inputs, result: dict[str, Any], seconds: float) -> None:
+def record_done(
+    settings: EvalSettings, workspace: Workspace, inputs: Inputs, result: dict[str, Any], seconds: float
+) -> None:
     """The manifest's record of the finished evaluation (written last)."""
-    cfg = project.config.eval
+    cfg = settings.eval
     judge_cfg = inputs.judge
     record_stage(
-        project,
+        workspace,
         "eval",
         status="done",
         seconds=round(seconds, 3),
@@ -342,11 +370,11 @@ def record_done(project: "Project", inputs: Inputs, result: dict[str, Any], seco
     )
 
 
-def no_golden_reason(project: "Project", persona_id: str) -> str:
+def no_golden_reason(settings: EvalSettings, workspace: Workspace, persona_id: str) -> str:
     """Why a persona has no annotator-golden items: nothing annotator-written was planned, the test share
     is 0, or the test file is empty for another reason."""
-    annotate = project.config.annotate
-    shares = annotate.own_words_shares(project.config.annotator.model)
+    annotate = settings.annotate
+    shares = annotate.own_words_shares(settings.annotator.model)
     written = {
         kind: count
         for kind, count in annotate.counts.model_dump().items()
@@ -358,9 +386,9 @@ def no_golden_reason(project: "Project", persona_id: str) -> str:
             "every reply from the person's own words), so there is no annotator-golden set; the held-out "
             "own words are the evaluation"
         )
-    if project.config.curate.test_fraction == 0:
+    if settings.curate.test_fraction == 0:
         return "curate.test_fraction is 0: no annotator-written dialogue is held out for testing"
-    test = project.layout.sft_test(persona_id)
+    test = workspace.layout.sft_test(persona_id)
     return f"{test} is empty: too few annotator-written dialogues to hold one out"
 
 

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from persllm import stats
-from persllm.config import Project
+from persllm.config import Workspace
+from persllm.config.stages import EvalSettings
 from persllm.evaluate import metrics
 from persllm.index.retrieve import load_heldout
 from persllm.persona import read_stage_chunks
@@ -56,12 +57,14 @@ class Material:
     style_stages: list[str]
 
 
-def stage_material(project: Project) -> Material:
+def stage_material(settings: EvalSettings, workspace: Workspace) -> Material:
     """Later-only terms per (persona, stage), and every training style passage with its persona and stage."""
 
     material = Material({}, [], [], [])
-    for persona_id, persona in project.personas.items():
-        chunks = [read_stage_chunks(project, persona_id, stage.id) for stage in persona.stages]
+    for persona_id, persona in workspace.personas.items():
+        chunks = [
+            read_stage_chunks(workspace, settings.corpus, persona_id, stage.id) for stage in persona.stages
+        ]
         texts = [[chunk.text for chunk in stage_chunks] for stage_chunks in chunks]
         for index, stage in enumerate(persona.stages):
             earlier = [t for stage_texts in texts[: index + 1] for t in stage_texts]
@@ -69,7 +72,7 @@ def stage_material(project: Project) -> Material:
             material.terms[(persona_id, stage.id)] = (
                 metrics.later_only_terms(earlier, later) if later else set()
             )
-            held = {chunk.text for chunk in load_heldout(project, persona_id, stage.id)}
+            held = {chunk.text for chunk in load_heldout(workspace, persona_id, stage.id)}
             for chunk in chunks[index]:
                 if chunk.kind == "style" and chunk.text not in held:
                     material.style_texts.append(chunk.text)
@@ -113,7 +116,8 @@ class Scorer:
 
 
 def score(
-    project: Project,
+    settings: EvalSettings,
+    workspace: Workspace,
     rows: list[dict[str, Any]],
     embed: Embed,
     baseline: str,
@@ -127,9 +131,9 @@ def score(
     style fidelity and identifiability that the person's real words reach.
     """
     vectors = Embeddings(embed)
-    material = stage_material(project)
+    material = stage_material(settings, workspace)
     scorer = Scorer(material, vectors)
-    seed = project.config.seed
+    seed = settings.seed
     systems: dict[str, dict[str, Any]] = {r["system"]: {} for r in rows}
     differences: dict[str, Any] = {}
     reference: dict[str, Any] = {}

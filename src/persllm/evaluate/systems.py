@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from persllm.config import Project
+from persllm.config import Workspace
 from persllm.config.llm import LLMConfig
+from persllm.config.stages import EvalSettings
 from persllm.errors import UserError
 from persllm.evaluate.judge import render
 from persllm.index.retrieve import Retriever, without_sources
@@ -94,12 +95,12 @@ class Request:
 # --------------------------------------------------------------------------- items
 
 
-def load_items(project: Project, max_items: int | None) -> list[Item]:
+def load_items(settings: EvalSettings, workspace: Workspace, max_items: int | None) -> list[Item]:
     """The held-out items of every persona, at most ``max_items`` per persona x stage, in file order."""
     items: list[Item] = []
-    for persona_id in project.personas:
-        path = project.layout.sft_test(persona_id)
-        contexts = annotation_contexts(project, persona_id)
+    for persona_id in workspace.personas:
+        path = workspace.layout.sft_test(persona_id)
+        contexts = annotation_contexts(settings, workspace, persona_id)
         taken: dict[str, int] = defaultdict(int)
         for number, row in enumerate(read_jsonl(path), start=1):
             item = item_of(row, f"{path}:{number}")
@@ -107,18 +108,18 @@ def load_items(project: Project, max_items: int | None) -> list[Item]:
                 continue
             taken[item.stage] += 1
             item.context = contexts.get(item.id)
-            if item.persona in project.personas:
-                persona = project.personas[item.persona]
+            if item.persona in workspace.personas:
+                persona = workspace.personas[item.persona]
                 item.system, item.brief = stage_prompts(persona, persona.stage(item.stage))
             items.append(item)
     return items
 
 
-def load_heldout_items(project: Project, max_items: int | None) -> list[Item]:
+def load_heldout_items(settings: EvalSettings, workspace: Workspace, max_items: int | None) -> list[Item]:
     """The held-out own-words items: one per held-out passage with a back-written question."""
     items: list[Item] = []
-    for persona_id, persona in project.personas.items():
-        path = project.layout.heldout_questions(persona_id)
+    for persona_id, persona in workspace.personas.items():
+        path = workspace.layout.heldout_questions(persona_id)
         taken: dict[str, int] = defaultdict(int)
         for number, record in enumerate(read_jsonl(path), start=1):
             turns, stage_id = record.get("turns"), record.get("stage")
@@ -177,9 +178,11 @@ def item_of(row: dict[str, Any], where: str) -> Item:
     )
 
 
-def annotation_contexts(project: Project, persona_id: str) -> dict[str, dict[str, str]]:
+def annotation_contexts(
+    settings: EvalSettings, workspace: Workspace, persona_id: str
+) -> dict[str, dict[str, str]]:
     """The retrieved context of each annotation record, by record id."""
-    path = project.layout.dialogues(persona_id)
+    path = workspace.layout.dialogues(persona_id)
     contexts: dict[str, dict[str, str]] = {}
     for record in read_jsonl(path):
         context = record.get("context")
@@ -191,9 +194,11 @@ def annotation_contexts(project: Project, persona_id: str) -> dict[str, dict[str
 # --------------------------------------------------------------------------- systems
 
 
-def plan_systems(project: Project, names: list[str]) -> tuple[list[System], dict[str, str]]:
+def plan_systems(
+    settings: EvalSettings, workspace: Workspace, names: list[str]
+) -> tuple[list[System], dict[str, str]]:
     """The systems to run and, for each one left out, why (missing models never stop the evaluation)."""
-    cfg = project.config
+    cfg = settings
     base = with_dtype(cfg.base_model, cfg.eval.dtype)
     planned: list[System] = []
     skipped: dict[str, str] = {}
@@ -202,7 +207,7 @@ def plan_systems(project: Project, names: list[str]) -> tuple[list[System], dict
             planned.append(System(name, base, "prompt" if name == "prompt" else "rag"))
         elif name in ADAPTER_OF:
             folder = ADAPTER_OF[name]
-            adapters = {p: project.layout.model(p, folder) for p in project.personas}
+            adapters = {p: workspace.layout.model(p, folder) for p in workspace.personas}
             missing = [p for p, path in adapters.items() if not (path / "adapter_config.json").exists()]
             if missing:
                 where = ", ".join(str(adapters[p]) for p in missing)
@@ -223,7 +228,9 @@ def with_dtype(llm: LLMConfig, dtype: str) -> LLMConfig:
     return llm if dtype == "auto" else llm.model_copy(update={"dtype": dtype})
 
 
-def generation_target(project: Project, system: System, persona: str) -> tuple[LLMConfig, str | None]:
+def generation_target(
+    settings: EvalSettings, workspace: Workspace, system: System, persona: str
+) -> tuple[LLMConfig, str | None]:
     """(the model that answers for ``system`` and ``persona``, the adapter it switches on, if any).
 
     A trained persona is its adapter on the shared base model. With ``base_model.backend: llamacpp`` the
@@ -235,11 +242,15 @@ def generation_target(project: Project, system: System, persona: str) -> tuple[L
         return system.llm, str(trained) if trained is not None else None
 
     if trained is None:
-        return system.llm.model_copy(update={"model": str(generation_base(project))}), None
-    made, is_adapter = generation_adapter(project, persona, trained)
+        return system.llm.model_copy(
+            update={"model": str(generation_base(workspace, settings.base_model))}
+        ), None
+    made, is_adapter = generation_adapter(workspace, settings.base_model, persona, trained)
     if not is_adapter:
         return system.llm.model_copy(update={"model": str(made)}), None
-    return system.llm.model_copy(update={"model": str(generation_base(project))}), str(made)
+    return system.llm.model_copy(update={"model": str(generation_base(workspace, settings.base_model))}), str(
+        made
+    )
 
 
 def adapter_name(persona: str, system: System) -> str:
@@ -274,14 +285,16 @@ def rag_system_prompt(system: str, knowledge: str, style: str) -> str:
     )
 
 
-def retrieval_context(project: Project) -> Callable[[Item], dict[str, str] | None]:
+def retrieval_context(
+    settings: EvalSettings, workspace: Workspace
+) -> Callable[[Item], dict[str, str] | None]:
     """Re-retrieval for items whose annotation record is gone: the index's context for the question."""
     retriever: Any = None
 
     def fetch(item: Item) -> dict[str, str] | None:
         nonlocal retriever
 
-        retriever = retriever or Retriever(project)
+        retriever = retriever or Retriever(workspace, settings.embedder, settings.retrieval)
         found = retriever.retrieve(item.persona, item.stage, item.question)
         return {"knowledge": found.knowledge_text(), "style": found.style_text()}
 
@@ -292,7 +305,8 @@ def retrieval_context(project: Project) -> Callable[[Item], dict[str, str] | Non
 
 
 def generate(
-    project: Project,
+    settings: EvalSettings,
+    workspace: Workspace,
     requests: list[Request],
     params: dict[str, Any],
     cache: Any,
@@ -309,7 +323,7 @@ def generate(
 
     async def answer_all() -> list[Completion]:
         try:
-            return await _generate(project, requests, params, cache, pool)
+            return await _generate(settings, workspace, requests, params, cache, pool)
         finally:
             if owned:
                 await _close(pool)
@@ -329,7 +343,12 @@ async def _close(backends: dict[str, Any]) -> None:
 
 
 async def _generate(
-    project: Project, requests: list[Request], params: dict[str, Any], cache: Any, backends: dict[str, Any]
+    settings: EvalSettings,
+    workspace: Workspace,
+    requests: list[Request],
+    params: dict[str, Any],
+    cache: Any,
+    backends: dict[str, Any],
 ) -> list[Completion]:
 
     # Every adapter is registered before the first generation (a llama.cpp engine loads them at start).
@@ -338,7 +357,7 @@ async def _generate(
     for index, request in enumerate(requests):
         where = (request.system.name, request.persona)
         if where not in targets:
-            targets[where] = generation_target(project, request.system, request.persona)
+            targets[where] = generation_target(settings, workspace, request.system, request.persona)
         llm, adapter_path = targets[where]
         model_key = llm.model_dump_json(exclude={"adapter", "params"})
         if model_key not in backends:
@@ -359,7 +378,7 @@ async def _generate(
         backend = backends[model_key]
         call = {**params, "n_sample": sample, "adapter": adapter or None}
         if "seed" not in params:
-            call["seed"] = project.config.seed + sample
+            call["seed"] = settings.seed + sample
         conversations = [requests[i].messages for i in indices]
         answers: list[Completion] = []
         if hasattr(getattr(backend, "inner", backend), "generate_batch"):

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from persllm.config import Project
+from persllm.config import EmbedderConfig, Project, Workspace
+from persllm.config.project import RetrievalConfig
 from persllm.errors import UserError
 from persllm.hashing import stable_hash
 from persllm.index import encoder
@@ -102,11 +103,18 @@ class Pool:
 class Retriever:
     """Retrieval over a project's index; stage indexes load lazily, once each."""
 
-    def __init__(self, project: Project) -> None:
-        self.project = project
+    def __init__(self, workspace: Workspace, embedder: EmbedderConfig, retrieval: RetrievalConfig) -> None:
+        self.workspace = workspace
+        self.embedder = embedder
+        self.retrieval = retrieval
         self._stages: dict[tuple[str, str], tuple[list[Chunk], np.ndarray]] = {}
         self._pools: dict[tuple[str, str], dict[str, Pool]] = {}
         self._lock = threading.RLock()  # held while loading; pools() loads stages under it
+
+    @classmethod
+    def of(cls, project: Project) -> "Retriever":
+        """The retriever of a loaded project (commands, chat); a stage builds it from its own settings."""
+        return cls(project.workspace, project.config.embedder, project.config.retrieval)
 
     def chunks(self, persona: str, stage: str, kind: str | None = None) -> list[Chunk]:
         """The stage's own chunks (never inherited ones), optionally of one kind: the seed candidates."""
@@ -131,10 +139,10 @@ class Retriever:
             raise UserError("retrieve: the query is empty and there is no seed; give a query text")
         # Seeds found in the index reuse their stored vector; others are embedded with the queries.
         outside = [c.text for c in chunks if c is not None and c.id not in pools[c.kind].positions]
-        vectors = encoder.embed_queries(texts + outside, self.project.config.embedder)
+        vectors = encoder.embed_queries(texts + outside, self.embedder)
         budgets = {
-            "knowledge": self.project.config.retrieval.knowledge_words,
-            "style": self.project.config.retrieval.style_words,
+            "knowledge": self.retrieval.knowledge_words,
+            "style": self.retrieval.style_words,
         }
         contexts = []
         extra = len(texts)
@@ -156,11 +164,11 @@ class Retriever:
     # ------------------------------------------------------------------ loading
 
     def _stage(self, persona: str, stage: str) -> tuple[list[Chunk], np.ndarray]:
-        self.project.persona(persona).stage(stage)  # unknown names are user errors
+        self.workspace.persona(persona).stage(stage)  # unknown names are user errors
         key = (persona, stage)
         with self._lock:
             if key not in self._stages:
-                self._stages[key] = load_stage(self.project, persona, stage)
+                self._stages[key] = load_stage(self.workspace, self.embedder, persona, stage)
             return self._stages[key]
 
     def pools(self, persona: str, stage: str) -> dict[str, Pool]:
@@ -175,7 +183,7 @@ class Retriever:
             return self._pools[key]
 
     def _build_pools(self, persona: str, stage: str) -> dict[str, Pool]:
-        spec = self.project.persona(persona)
+        spec = self.workspace.persona(persona)
         index = spec.stage_index(stage)
         visible = [s.id for s in spec.stages[:index]] if spec.stages[index].inherits else []
         loaded = [self._stage(persona, s) for s in [*visible, stage]]
@@ -238,22 +246,24 @@ def fill(pool: Pool, query: np.ndarray, budget: int, first: Piece | None = None)
     return pieces
 
 
-def load_heldout(project: Project, persona: str, stage: str) -> list[Chunk]:
+def load_heldout(workspace: Workspace, persona: str, stage: str) -> list[Chunk]:
     """The stage's held-out own words (``heldout.jsonl`` beside its index): evaluation references only."""
-    project.persona(persona).stage(stage)
-    return [Chunk.from_dict(row) for row in read_jsonl(project.layout.heldout_chunks(persona, stage))]
+    workspace.persona(persona).stage(stage)
+    return [Chunk.from_dict(row) for row in read_jsonl(workspace.layout.heldout_chunks(persona, stage))]
 
 
-def load_stage(project: Project, persona: str, stage: str) -> tuple[list[Chunk], np.ndarray]:
+def load_stage(
+    workspace: Workspace, embedder: EmbedderConfig, persona: str, stage: str
+) -> tuple[list[Chunk], np.ndarray]:
     """A stage's chunks and embeddings, checked against each other and the configured embedder."""
-    layout = project.layout
+    layout = workspace.layout
     folder = layout.index_stage(persona, stage)
-    hint = f"run `persllm index {project.config_path}`"
+    hint = f"run `persllm index {workspace.config_path}`"
     meta_path = layout.index_meta(persona, stage)
     if not meta_path.exists():
         raise UserError(f"{folder}: no index for {persona}/{stage}; {hint} first")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    model = project.config.embedder.model
+    model = embedder.model
     if meta.get("model") != model:
         raise UserError(
             f"{folder}: index built with embedder {meta.get('model')!r} "

@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from persllm.config import EmbedderConfig, Project
+from persllm.config import EmbedderConfig, Workspace
+from persllm.config.project import HoldoutConfig
+from persllm.config.stages import IndexSettings
 from persllm.errors import UserError
 from persllm.hashing import stable_hash
 from persllm.index import encoder
@@ -33,30 +35,35 @@ from persllm.persona.dialogue import Exchange, read_persona_exchanges
 from persllm.persona.heldout import HoldoutRule, nothing_held_out, split_exchanges, split_stages
 
 
-def run(project: Project, personas: list[str] | None = None, progress: bool = False) -> dict[str, Any]:
+def run(
+    settings: IndexSettings,
+    workspace: Workspace,
+    personas: list[str] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Build the index of ``personas`` (default: all) and return per-stage and total counts."""
     started = time.perf_counter()
-    cfg = project.config.embedder
-    persona_ids = personas or list(project.personas)
-    layout = project.layout
+    cfg = settings.embedder
+    persona_ids = personas or list(workspace.personas)
+    layout = workspace.layout
 
     # Chunk every stage's corpus (user errors in the corpus surface here, before any model loads), then
     # set the held-out own words aside: the index never sees them.
     stages: list[tuple[str, str, list[Chunk]]] = []
     for persona_id in persona_ids:
-        for stage in project.persona(persona_id).stages:
-            stages.append((persona_id, stage.id, read_stage_chunks(project, persona_id, stage.id)))
-    rule = holdout_rule(project)
-    stages, heldout = split_stages(stages, rule, project.config.seed)
+        for stage in workspace.persona(persona_id).stages:
+            chunks = read_stage_chunks(workspace, settings.corpus, persona_id, stage.id)
+            stages.append((persona_id, stage.id, chunks))
+    rule = holdout_rule(settings.holdout)
+    stages, heldout = split_stages(stages, rule, settings.seed)
     talks = {
         (persona_id, stage_id): found
         for persona_id in persona_ids
-        for stage_id, found in read_persona_exchanges(project, persona_id).items()
+        for stage_id, found in read_persona_exchanges(workspace, settings.corpus, persona_id).items()
     }
-    check_material(project, stages, talks)
+    check_material(workspace, stages, talks)
     talks_held = {
-        key: split_exchanges(found, rule, project.config.seed, f"{key[0]}/{key[1]}")
-        for key, found in talks.items()
+        key: split_exchanges(found, rule, settings.seed, f"{key[0]}/{key[1]}") for key, found in talks.items()
     }
     for persona_id, stage_id, chunks in stages:
         has_style = any(c.kind == "style" for c in chunks) or heldout[(persona_id, stage_id)]
@@ -128,7 +135,7 @@ def run(project: Project, personas: list[str] | None = None, progress: bool = Fa
     split = {f"{p}/{s}": [{"id": c.id, "ref": c.ref} for c in held] for (p, s), held in heldout.items()}
     split_talk = {f"{p}/{s}": [e.ref for e in held] for (p, s), (_, held) in talks_held.items() if held}
     record_stage(
-        project,
+        workspace,
         "index",
         status="done",
         personas=persona_ids,
@@ -143,7 +150,7 @@ def run(project: Project, personas: list[str] | None = None, progress: bool = Fa
 
 
 def check_material(
-    project: Project,
+    workspace: Workspace,
     stages: list[tuple[str, str, list[Chunk]]],
     talks: dict[tuple[str, str], list[Exchange]],
 ) -> None:
@@ -151,13 +158,12 @@ def check_material(
     for persona_id, stage_id, chunks in stages:
         if not chunks and not talks.get((persona_id, stage_id)):
             raise UserError(
-                f"{project.persona_paths[persona_id]}: stage {stage_id!r}: no text and no exchange of "
-                f"{project.persona(persona_id).name} falls in it; add material or widen its dates"
+                f"{workspace.persona_paths[persona_id]}: stage {stage_id!r}: no text and no exchange of "
+                f"{workspace.persona(persona_id).name} falls in it; add material or widen its dates"
             )
 
 
-def holdout_rule(project: Project) -> HoldoutRule:
-    cfg = project.config.holdout
+def holdout_rule(cfg: HoldoutConfig) -> HoldoutRule:
     return HoldoutRule(
         cfg.share, cfg.min_passages, cfg.max_passages, cfg.min_train, cfg.strict, cfg.min_words
     )

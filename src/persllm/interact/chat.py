@@ -43,7 +43,7 @@ def run(
 def retriever(project: Project) -> RetrieveFn:
     """Retrieval of the persona's own material for a message, as (knowledge, style) text."""
 
-    index = Retriever(project)
+    index = Retriever.of(project)
 
     def retrieve(persona: str, stage: str, query: str) -> tuple[str, str]:
         context = index.retrieve(persona, stage, query)

@@ -233,7 +233,7 @@ class ModelPool:
             return ref.path
 
         assert ref.persona is not None
-        made, is_adapter = generation_adapter(self.project, ref.persona, ref.path)
+        made, is_adapter = generation_adapter(self.project.workspace, self.cfg, ref.persona, ref.path)
         return made if is_adapter else None
 
     def adapter(self, ref: ModelRef, source: Path | None = None) -> str:
@@ -275,9 +275,13 @@ class ModelPool:
         """The base model config pointed at what generates: the base, a trained folder, or a GGUF file."""
         if self.cfg.backend == "llamacpp":
             if folder is None or persona is None:
-                return self.cfg.model_copy(update={"model": str(generation_base(self.project))})
+                return self.cfg.model_copy(
+                    update={"model": str(generation_base(self.project.workspace, self.cfg))}
+                )
             return self.cfg.model_copy(
-                update={"model": str(generation_adapter(self.project, persona, folder)[0])}
+                update={
+                    "model": str(generation_adapter(self.project.workspace, self.cfg, persona, folder)[0])
+                }
             )
         if folder is None:
             return self.cfg

@@ -14,6 +14,8 @@ from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 from persllm.annotate.engine import Annotator
+from persllm.config import Workspace
+from persllm.config.stages import PairsSettings
 from persllm.curate import load_annotations
 from persllm.curate.filters import is_well_formed
 from persllm.curate.stats import curated_format, update_stats
@@ -28,11 +30,10 @@ from persllm.pairs import sources
 from persllm.pairs.build import OUTCOMES, PROVENANCES, Candidate, opening, pair_problem, pair_row
 
 if TYPE_CHECKING:
-    from persllm.config import Project
     from persllm.llm.base import ChatBackend
 
 
-def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]:
+def run(settings: PairsSettings, workspace: Workspace, personas: list[str] | None = None) -> dict[str, Any]:
     """Build the preference pairs of ``personas`` (default: all).
 
     Returns:
@@ -41,24 +42,26 @@ def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]
     """
     import numpy as np
 
-    cfg = project.config.pairs
+    cfg = settings.pairs
     started = time.monotonic()
-    persona_ids = list(dict.fromkeys(personas or project.personas))
+    persona_ids = list(dict.fromkeys(personas or workspace.personas))
     for persona_id in persona_ids:
-        project.persona(persona_id)
-        sft_train = project.layout.sft_train(persona_id)
+        workspace.persona(persona_id)
+        sft_train = workspace.layout.sft_train(persona_id)
         if not sft_train.exists():
             raise UserError(f"{sft_train}: persona {persona_id!r} is not curated; run `persllm curate` first")
 
     # Sources: every curated persona's training side (the others supply cross-persona neighbours).
     train = {
-        pid: train_records(project, pid) for pid in project.personas if project.layout.sft_train(pid).exists()
+        pid: train_records(workspace, pid)
+        for pid in workspace.personas
+        if workspace.layout.sft_train(pid).exists()
     }
 
     # Rejected answers from each enabled source.
     candidates: list[Candidate] = []
     if cfg.cross_persona or cfg.cross_stage:
-        every = embed([opening(r)[0] for records in train.values() for r in records], project.config.embedder)
+        every = embed([opening(r)[0] for records in train.values() for r in records], settings.embedder)
         ends = list(accumulate(len(records) for records in train.values()))
         vectors = dict(zip(train, np.split(every, ends[:-1]), strict=True))
         bounds = (cfg.similarity_min, cfg.similarity_max)
@@ -67,14 +70,14 @@ def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]
         if cfg.cross_stage:
             candidates += sources.cross_stage_neighbours(train, persona_ids, vectors, *bounds)
     if cfg.cross_stage or cfg.base_model:
-        candidates += run_sync(regenerate(project, {pid: train[pid] for pid in persona_ids}))
+        candidates += run_sync(regenerate(settings, workspace, {pid: train[pid] for pid in persona_ids}))
 
     # Filter, render and write, persona by persona.
     summary: dict[str, Any] = {}
     for persona_id in persona_ids:
-        persona = project.persona(persona_id)
-        layout = project.layout
-        cot, style = curated_format(layout.stats(persona_id), project.config.curate)
+        persona = workspace.persona(persona_id)
+        layout = workspace.layout
+        cot, style = curated_format(layout.stats(persona_id), settings.curate)
         counts = {provenance: Counter[str]() for provenance in PROVENANCES}
         rows = []
         mine = [c for c in candidates if c.record["persona"] == persona_id]
@@ -106,46 +109,49 @@ def run(project: "Project", personas: list[str] | None = None) -> dict[str, Any]
     for provenance in PROVENANCES:
         totals[provenance] = sum(s["provenance"][provenance]["kept"] for s in summary.values())
     record_stage(
-        project,
+        workspace,
         "pairs",
-        status="done" if set(persona_ids) == set(project.personas) else "partial",
+        status="done" if set(persona_ids) == set(workspace.personas) else "partial",
         seconds=round(time.monotonic() - started, 3),
         counts=totals,
     )
     return {**totals, "personas": summary}
 
 
-def train_records(project: "Project", persona_id: str) -> list[dict[str, Any]]:
+def train_records(workspace: Workspace, persona_id: str) -> list[dict[str, Any]]:
     """The annotation records on the training side of a persona's curated split, sorted by id."""
-    rows = read_jsonl(project.layout.sft_train(persona_id))
+    rows = read_jsonl(workspace.layout.sft_train(persona_id))
     ids = {row["meta"]["id"] for row in rows if row.get("meta", {}).get("kind") != "general"}
     chosen: dict[str, dict[str, Any]] = {}
-    for record in load_annotations(project, persona_id):
+    for record in load_annotations(workspace, persona_id):
         if record.get("id") in ids and record["id"] not in chosen and is_well_formed(record):
             chosen[record["id"]] = {**record, "persona": persona_id}
     return [chosen[key] for key in sorted(chosen)]
 
 
-async def regenerate(project: "Project", train: dict[str, list[dict[str, Any]]]) -> list[Candidate]:
+async def regenerate(
+    settings: PairsSettings, workspace: Workspace, train: dict[str, list[dict[str, Any]]]
+) -> list[Candidate]:
     """Cross-stage replies (annotation engine) and base-model replies, all cached in the run's SQLite."""
 
-    cfg = project.config.pairs
-    cache = CallCache(project.layout.cache)
+    cfg = settings.pairs
+    cache = CallCache(workspace.layout.cache)
     backends: list[ChatBackend] = []
     try:
         jobs: list[Coroutine[Any, Any, list[Candidate]]] = []
         regenerated = {pid: [r for r in records if not sources.is_own(r)] for pid, records in train.items()}
         if cfg.cross_stage and any(
-            len(project.persona(pid).stages) > 1 and records for pid, records in regenerated.items()
+            len(workspace.persona(pid).stages) > 1 and records for pid, records in regenerated.items()
         ):
-            backends.append(make_backend(project.config.annotator, cache, tag="pairs"))
-            annotator = Annotator(project, backends[-1], Retriever(project))
+            backends.append(make_backend(settings.annotator, cache, tag="pairs"))
+            retriever = Retriever(workspace, settings.embedder, settings.retrieval)
+            annotator = Annotator(workspace, settings.annotator, settings.annotate, backends[-1], retriever)
             for pid, records in regenerated.items():
                 jobs.append(
-                    sources.cross_stage(annotator, project.persona(pid), records, cfg.cross_stage_max)
+                    sources.cross_stage(annotator, workspace.persona(pid), records, cfg.cross_stage_max)
                 )
         if cfg.base_model:
-            backends.append(make_backend(project.config.base_model, cache, tag="pairs-base"))
+            backends.append(make_backend(settings.base_model, cache, tag="pairs-base"))
             jobs += [sources.base_model(backends[-1], records) for records in train.values()]
         results = [candidate for batch in await asyncio.gather(*jobs) for candidate in batch]
     finally:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from persllm.config import Project
+from persllm.config.project import CorpusConfig, Workspace
 from persllm.errors import UserError
 from persllm.hashing import stable_hash
 
@@ -218,22 +218,23 @@ def ref_path(path: Path, root: Path) -> str:
     return Path(os.path.relpath(path.resolve(), root.resolve())).as_posix()
 
 
-def read_stage_chunks(project: Project, persona_id: str, stage_id: str) -> list[Chunk]:
+def read_stage_chunks(
+    workspace: Workspace, corpus: CorpusConfig, persona_id: str, stage_id: str
+) -> list[Chunk]:
     """All chunks of one stage: its knowledge files, then its style files, in file order.
 
     Repeats of the same text within a stage and kind are dropped (the first occurrence is kept). A stage
     with no text at all is a user error, unless it has dialogue material (``persona.dialogue``).
     """
-    max_words = project.config.corpus.max_words
     chunks: list[Chunk] = []
     files: list[Path] = []
     for kind in KINDS:
         seen: set[str] = set()
-        for path in project.stage_files(persona_id, stage_id, kind):
-            check_size(project, path)
+        for path in workspace.stage_files(persona_id, stage_id, kind):
+            check_size(workspace, corpus, path)
             files.append(path)
-            source = ref_path(path, project.root)
-            for line, text in file_pieces(path, max_words):
+            source = ref_path(path, workspace.root)
+            for line, text in file_pieces(path, corpus.max_words):
                 if text in seen:
                     continue
                 seen.add(text)
@@ -248,23 +249,24 @@ def read_stage_chunks(project: Project, persona_id: str, stage_id: str) -> list[
                         words=len(text.split()),
                     )
                 )
-    persona = project.persona(persona_id)
+    persona = workspace.persona(persona_id)
     has_dialogue = bool(persona.stage(stage_id).dialogue or persona.dialogue)
     if not chunks and not has_dialogue:
-        names = ", ".join(ref_path(path, project.root) for path in files)
+        names = ", ".join(ref_path(path, workspace.root) for path in files)
+        where = workspace.persona_paths.get(persona_id, workspace.config_path)
         raise UserError(
-            f"{project.persona_paths.get(persona_id, project.config_path)}: stage {stage_id!r}: its files "
-            f"hold no text ({names}); add the person's material or remove the stage"
+            f"{where}: stage {stage_id!r}: its files hold no text ({names}); add the person's material or "
+            "remove the stage"
         )
     return chunks
 
 
-def check_size(project: Project, path: Path) -> None:
+def check_size(workspace: Workspace, corpus: CorpusConfig, path: Path) -> None:
     """A corpus file over ``corpus.max_file_mb`` is refused before it is read into memory."""
-    limit = project.config.corpus.max_file_mb
+    limit = corpus.max_file_mb
     size = path.stat().st_size
     if size > limit * 2**20:
         raise UserError(
             f"{path}: {size / 2**20:.1f} MB is over corpus.max_file_mb ({limit} MB); split it into "
-            f"smaller files, or raise corpus.max_file_mb in {project.config_path.name}"
+            f"smaller files, or raise corpus.max_file_mb in {workspace.config_path.name}"
         )

@@ -16,7 +16,7 @@ from persllm.persona.chat_formats import Message, read_messages
 from persllm.persona.corpus import check_size, ref_path
 
 if TYPE_CHECKING:
-    from persllm.config import Project
+    from persllm.config.project import CorpusConfig, Workspace
 
 
 @dataclass
@@ -156,28 +156,29 @@ def in_range(when: date, since: date | None, until: date | None) -> bool:
 # --------------------------------------------------------------------------- a persona's files
 
 
-def read_persona_exchanges(project: "Project", persona_id: str) -> dict[str, list[Exchange]]:
+def read_persona_exchanges(
+    workspace: "Workspace", corpus: "CorpusConfig", persona_id: str
+) -> dict[str, list[Exchange]]:
     """Stage id -> the exchanges of the persona's dialogue material, in file order.
 
     A stage's own ``dialogue`` files are all its; the persona's dated ``dialogue`` files are spread by the
     time of each reply over the stages' ``since`` / ``until``. A file where the persona never speaks, or a
     dated reply outside every stage, is a user error naming the file (and line).
     """
-    persona = project.persona(persona_id)
-    corpus = project.config.corpus
+    persona = workspace.persona(persona_id)
     speakers = persona.speaker_names
     found: dict[str, list[Exchange]] = {stage.id: [] for stage in persona.stages}
 
     def exchanges(path: Path) -> list[Exchange]:
-        check_size(project, path)
+        check_size(workspace, corpus, path)
         layout, messages = read_messages(path)
         if not any(is_persona(m.speaker, speakers) for m in messages):
             heard = sorted({m.speaker for m in messages})[:5]
             raise UserError(
                 f"{path}: {persona.name} never speaks here (speakers found: {', '.join(heard) or 'none'}); "
-                f"add their name as written to `speakers` in {project.persona_paths[persona_id].name}"
+                f"add their name as written to `speakers` in {workspace.persona_paths[persona_id].name}"
             )
-        source = ref_path(path, project.root)
+        source = ref_path(path, workspace.root)
         rows = exchanges_of(
             messages, speakers, source, corpus.dialogue_context_turns, corpus.dialogue_gap_hours
         )
@@ -186,9 +187,9 @@ def read_persona_exchanges(project: "Project", persona_id: str) -> dict[str, lis
         return rows
 
     for stage in persona.stages:
-        for path in project.stage_files(persona_id, stage.id, "dialogue"):
+        for path in workspace.stage_files(persona_id, stage.id, "dialogue"):
             found[stage.id] += exchanges(path)
-    for path in project.dated_dialogue_files(persona_id):
+    for path in workspace.dated_dialogue_files(persona_id):
         for exchange in exchanges(path):
             if exchange.time is None:
                 raise UserError(

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from persllm.bundled import resolve_model
-from persllm.config import Project
+from persllm.config import LLMConfig, Project, Workspace
+from persllm.config.stages import DPOSettings, SFTSettings
 from persllm.config.train import (
     COMMON_TRL_DEFAULTS,
     DPO_TRL_DEFAULTS,
@@ -24,6 +25,7 @@ from persllm.config.train import (
 )
 from persllm.errors import UserError
 from persllm.jsonl import read_jsonl
+from persllm.layout import RunLayout
 from persllm.manifest import load_manifest, record_stage
 from persllm.prompting import system_prompt
 from persllm.train.card import model_card
@@ -43,6 +45,7 @@ TRAINING_JSON = "training.json"
 # Keys persllm decides itself; a value in the trl: block would be silently overwritten otherwise.
 RESERVED_TRL_KEYS = ("output_dir", "resume_from_checkpoint")
 STAGE_DEFAULTS = {"sft": SFT_TRL_DEFAULTS, "dpo": DPO_TRL_DEFAULTS}
+TrainSettings = SFTSettings | DPOSettings
 
 
 # --------------------------------------------------------------------------- config blocks
@@ -61,9 +64,11 @@ def device_defaults() -> dict[str, Any]:
     return {**plain, "use_cpu": True}
 
 
-def trl_kwargs(project: Project, stage: str, output_dir: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+def trl_kwargs(
+    settings: TrainSettings, workspace: Workspace, output_dir: Path, overrides: dict[str, Any]
+) -> dict[str, Any]:
     """persllm defaults < device defaults < the ``trl:`` block < ``overrides``; output_dir is ours."""
-    block = getattr(project.config, stage)
+    stage, block = settings.stage, settings.training
     user = {**block.trl, **overrides}
     # transformers 5 renamed gradient checkpointing; the old name in a trl: block still means what it says.
     if "gradient_checkpointing" in user:
@@ -71,35 +76,40 @@ def trl_kwargs(project: Project, stage: str, output_dir: Path, overrides: dict[s
     for key in RESERVED_TRL_KEYS:
         if key in user:
             raise UserError(
-                f"{project.config_path}: {stage}.trl.{key}: set by persllm (checkpoints go to "
+                f"{workspace.config_path}: {stage}.trl.{key}: set by persllm (checkpoints go to "
                 f"models/<persona>/checkpoints/{stage}); remove it"
             )
-    seeds = {"seed": project.config.seed, "data_seed": project.config.seed}
+    seeds = {"seed": settings.seed, "data_seed": settings.seed}
     ours: dict[str, Any] = {**COMMON_TRL_DEFAULTS, **STAGE_DEFAULTS[stage], **device_defaults(), **seeds}
-    if stage == "sft":
-        ours["assistant_only_loss"] = project.config.sft.assistant_only_loss
+    if isinstance(settings, SFTSettings):
+        ours["assistant_only_loss"] = settings.sft.assistant_only_loss
     return {**ours, **user, "output_dir": str(output_dir)}
 
 
-def build_trl_args(project: Project, stage: str, output_dir: Path, overrides: dict[str, Any]) -> Any:
-    """The ``trl.SFTConfig`` / ``trl.DPOConfig`` for ``stage``; a bad key or value is a UserError."""
+def build_trl_args(
+    settings: TrainSettings, workspace: Workspace, output_dir: Path, overrides: dict[str, Any]
+) -> Any:
+    """The ``trl.SFTConfig`` / ``trl.DPOConfig`` of the stage; a bad key or value is a UserError."""
     import trl
 
+    stage = settings.stage
     cls = trl.SFTConfig if stage == "sft" else trl.DPOConfig
-    kwargs = trl_kwargs(project, stage, output_dir, overrides)
-    _check_keys(project, f"{stage}.trl", kwargs, cls, f"TRL {cls.__name__}")
+    kwargs = trl_kwargs(settings, workspace, output_dir, overrides)
+    _check_keys(workspace, f"{stage}.trl", kwargs, cls, f"TRL {cls.__name__}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{project.config_path}: {stage}.trl: {problem}; fix the value") from None
+        raise UserError(f"{workspace.config_path}: {stage}.trl: {problem}; fix the value") from None
 
 
-def lora_kwargs(project: Project, stage: str) -> dict[str, Any]:
-    return {**LORA_DEFAULTS, **getattr(project.config, stage).lora, "task_type": "CAUSAL_LM"}
+def lora_kwargs(settings: TrainSettings) -> dict[str, Any]:
+    return {**LORA_DEFAULTS, **settings.training.lora, "task_type": "CAUSAL_LM"}
 
 
-def build_lora(project: Project, stage: str, model: Model | None = None, new_tokens: bool = False) -> Any:
+def build_lora(
+    settings: TrainSettings, workspace: Workspace, model: Model | None = None, new_tokens: bool = False
+) -> Any:
     """``peft.LoraConfig`` from the ``lora:`` block; with new tokens, embeddings and LM head are trained too.
 
     ``trainable_token_indices`` would be lighter but breaks on tied embeddings, so the whole input and
@@ -107,8 +117,8 @@ def build_lora(project: Project, stage: str, model: Model | None = None, new_tok
     """
     from peft import LoraConfig
 
-    kwargs = lora_kwargs(project, stage)
-    _check_keys(project, f"{stage}.lora", kwargs, LoraConfig, "peft LoraConfig")
+    kwargs = lora_kwargs(settings)
+    _check_keys(workspace, f"{settings.stage}.lora", kwargs, LoraConfig, "peft LoraConfig")
     if new_tokens and model is not None:
         modules = list(kwargs.get("modules_to_save") or [])
         kwargs["modules_to_save"] = modules + [m for m in embedding_module_names(model) if m not in modules]
@@ -117,24 +127,24 @@ def build_lora(project: Project, stage: str, model: Model | None = None, new_tok
     try:
         return LoraConfig(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise UserError(f"{project.config_path}: {stage}.lora: {exc}; fix the value") from None
+        raise UserError(f"{workspace.config_path}: {settings.stage}.lora: {exc}; fix the value") from None
 
 
 def validate_trl_blocks(project: Project) -> None:
     """Build both TRL configs and both LoRA configs now, so a typo fails before a model is loaded."""
     scratch = project.layout.models / "_validate"
-    for stage in ("sft", "dpo"):
-        build_trl_args(project, stage, scratch, {})
-        build_lora(project, stage)
+    for settings in (SFTSettings.of(project.config), DPOSettings.of(project.config)):
+        build_trl_args(settings, project.workspace, scratch, {})
+        build_lora(settings, project.workspace)
 
 
-def _check_keys(project: Project, where: str, kwargs: dict[str, Any], cls: type, label: str) -> None:
+def _check_keys(workspace: Workspace, where: str, kwargs: dict[str, Any], cls: type, label: str) -> None:
     known = {f.name for f in fields(cls) if f.init}
     for key in kwargs:
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f"did you mean {close[0]!r}?" if close else "see the TRL/PEFT docs for the names"
-            raise UserError(f"{project.config_path}: {where}.{key}: unknown {label} argument; {hint}")
+            raise UserError(f"{workspace.config_path}: {where}.{key}: unknown {label} argument; {hint}")
 
 
 # --------------------------------------------------------------------------- data
@@ -164,22 +174,22 @@ def has_rows(path: Path) -> bool:
     return path.exists() and path.read_text(encoding="utf-8").strip() != ""
 
 
-def stage_labels(project: Project, persona_id: str) -> list[str]:
-    return [str(stage.label) for stage in project.persona(persona_id).stages]
+def stage_labels(workspace: Workspace, persona_id: str) -> list[str]:
+    return [str(stage.label) for stage in workspace.persona(persona_id).stages]
 
 
-def base_model_name(project: Project) -> str:
-    """The weights training loads: with ``backend: llamacpp`` too, since llama.cpp only generates."""
-    cfg = project.config.base_model
+def base_model_name(workspace: Workspace, cfg: LLMConfig) -> str:
+    """The weights training loads (``cfg``: base_model): with ``backend: llamacpp`` too, since llama.cpp
+    only generates."""
     if cfg.backend == "openai":
         raise UserError(
-            f"{project.config_path}: base_model.backend: training needs local weights; "
+            f"{workspace.config_path}: base_model.backend: training needs local weights; "
             "set backend: transformers (or llamacpp) and model: a folder, hub id or bundled:smollm2"
         )
     return resolve_model(cfg.model)
 
 
-def load_pretrained(project: Project, name: str) -> tuple[Model, Tokenizer]:
+def load_pretrained(workspace: Workspace, base_model: LLMConfig, name: str) -> tuple[Model, Tokenizer]:
     """Model and tokenizer from a folder, hub id or ``.gguf`` file, in the dtype training wants.
 
     ``dtype: auto`` loads fp32 weights: bf16 autocast on CUDA gives the speed, and the embedding rows of
@@ -188,7 +198,7 @@ def load_pretrained(project: Project, name: str) -> tuple[Model, Tokenizer]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype_name = project.config.base_model.dtype
+    dtype_name = base_model.dtype
     dtype = torch.float32 if dtype_name == "auto" else getattr(torch, dtype_name)
     path = Path(name)
     where: dict[str, Any] = {"pretrained_model_name_or_path": name}
@@ -199,7 +209,7 @@ def load_pretrained(project: Project, name: str) -> tuple[Model, Tokenizer]:
         model = AutoModelForCausalLM.from_pretrained(**where, dtype=dtype)
     except OSError as exc:
         raise UserError(
-            f"{project.config_path}: base_model.model: cannot load {name!r} ({str(exc).splitlines()[0]}); "
+            f"{workspace.config_path}: base_model.model: cannot load {name!r} ({str(exc).splitlines()[0]}); "
             "use a local folder, a downloaded hub id or bundled:smollm2"
         ) from None
     if tokenizer.pad_token is None:
@@ -259,7 +269,7 @@ def embedding_module_names(model: Model) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def training_chat_template(project: Project, tokenizer: Tokenizer) -> str | None:
+def training_chat_template(workspace: Workspace, tokenizer: Tokenizer) -> str | None:
     """A chat template with ``{% generation %}`` markers for the assistant-only loss, or None if the
     tokenizer's own template has them. It must render exactly what the serving template renders."""
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
@@ -267,7 +277,7 @@ def training_chat_template(project: Project, tokenizer: Tokenizer) -> str | None
     template = tokenizer.chat_template
     if not isinstance(template, str) or not template:
         raise UserError(
-            f"{project.config_path}: base_model.model: the tokenizer has no chat template; "
+            f"{workspace.config_path}: base_model.model: the tokenizer has no chat template; "
             "use an instruct/chat model or set sft.assistant_only_loss: false"
         )
     if has_generation_markers(template):
@@ -279,7 +289,7 @@ def training_chat_template(project: Project, tokenizer: Tokenizer) -> str | None
         if _renders_like(tokenizer, template, candidate):
             return candidate
     raise UserError(
-        f"{project.config_path}: base_model.model: its chat template has no {{% generation %}} markers and "
+        f"{workspace.config_path}: base_model.model: its chat template has no {{% generation %}} markers and "
         "persllm has no training twin for it; set sft.trl.chat_template_path to a template with markers, "
         "or sft.assistant_only_loss: false"
     )
@@ -310,9 +320,9 @@ def _renders_like(tokenizer: Tokenizer, serving: str, candidate: str) -> bool:
 # --------------------------------------------------------------------------- checkpoints and outputs
 
 
-def model_dirs(project: Project, persona_id: str, stage: str) -> tuple[Path, Path]:
+def model_dirs(layout: RunLayout, persona_id: str, stage: str) -> tuple[Path, Path]:
     """(final model folder, checkpoint folder) of one persona's ``stage`` ('sft' or 'dpo')."""
-    return project.layout.model(persona_id, stage), project.layout.checkpoints(persona_id, stage)
+    return layout.model(persona_id, stage), layout.checkpoints(persona_id, stage)
 
 
 def checkpoint_to_resume(checkpoints: Path, resume: bool) -> str | None:
@@ -344,9 +354,9 @@ def complete_checkpoint(path: Path) -> bool:
     return (path / "trainer_state.json").is_file() and weights and (path / "optimizer.pt").is_file()
 
 
-def drop_checkpoints(project: Project, stage: str, checkpoints: Path) -> None:
+def drop_checkpoints(settings: TrainSettings, checkpoints: Path) -> None:
     """Once the final model is written its checkpoints are dead weight, unless `<stage>.keep_checkpoints`."""
-    if not getattr(project.config, stage).keep_checkpoints:
+    if not settings.training.keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
 
 
@@ -410,10 +420,10 @@ def save_final(
     trainer.accelerator.wait_for_everyone()
 
 
-def card_text(project: Project, persona_id: str, info: dict[str, Any]) -> str:
+def card_text(workspace: Workspace, persona_id: str, info: dict[str, Any]) -> str:
     """The model card of a trained folder described by ``info`` (its training.json contents)."""
 
-    persona = project.persona(persona_id)
+    persona = workspace.persona(persona_id)
     style: SystemStyle = "brief" if info.get("system_prompt") == "brief" else "full"
     system = {stage.id: system_prompt(persona, stage, style) for stage in persona.stages}
     return model_card(persona, info, system)
@@ -427,9 +437,9 @@ def set_adapter_base(folder: Path, base: str) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def record(project: Project, stage: str, persona_id: str, info: dict[str, Any]) -> None:
+def record(workspace: Workspace, stage: str, persona_id: str, info: dict[str, Any]) -> None:
     """Add this persona's outcome to the manifest entry of ``stage`` (train_sft / train_dpo)."""
-    entry = load_manifest(project.run_dir)["stages"].get(stage, {})
+    entry = load_manifest(workspace.run_dir)["stages"].get(stage, {})
     personas = dict(entry.get("personas", {}))
     keep = (
         "steps",
@@ -442,7 +452,7 @@ def record(project: Project, stage: str, persona_id: str, info: dict[str, Any]) 
         "heldout_pairs",
     )
     personas[persona_id] = {key: info.get(key) for key in keep}
-    record_stage(project, stage, status="done", personas=personas)
+    record_stage(workspace, stage, status="done", personas=personas)
 
 
 def read_training_json(folder: Path) -> dict[str, Any]:

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from persllm import stats
-from persllm.config import Project
+from persllm.config import Workspace
+from persllm.config.stages import DPOSettings
 from persllm.errors import UserError
 from persllm.layout import write_atomic, write_json_atomic
 from persllm.llm import TransformersBackend
@@ -21,11 +22,14 @@ from persllm.train import common
 from persllm.train.card import portable_base
 
 
-def run(project: Project, persona_id: str, resume: bool = False, **overrides: Any) -> dict[str, Any]:
+def run(
+    settings: DPOSettings, workspace: Workspace, persona_id: str, resume: bool = False, **overrides: Any
+) -> dict[str, Any]:
     """Train the DPO model of ``persona_id`` from its SFT model.
 
     Args:
-        project: the loaded project.
+        settings: the sections DPO reads (``DPOSettings.of(project.config)``).
+        workspace: the project's personas and run folder (``project.workspace``).
         persona_id: which persona.
         resume: continue from the last checkpoint in ``models/<persona>/checkpoints/dpo``.
         **overrides: ``trl.DPOConfig`` arguments that win over the ``dpo.trl`` block (e.g. max_steps=5).
@@ -35,35 +39,37 @@ def run(project: Project, persona_id: str, resume: bool = False, **overrides: An
     """
     import trl
 
-    cfg = project.config.dpo
-    persona = project.persona(persona_id)
-    sft_dir, _ = common.model_dirs(project, persona.id, "sft")
-    out_dir, checkpoints = common.model_dirs(project, persona.id, "dpo")
+    cfg = settings.dpo
+    persona = workspace.persona(persona_id)
+    sft_dir, _ = common.model_dirs(workspace.layout, persona.id, "sft")
+    out_dir, checkpoints = common.model_dirs(workspace.layout, persona.id, "dpo")
 
     # Config first: a typo in dpo.trl or dpo.lora fails before anything is loaded.
-    args = common.build_trl_args(project, "dpo", checkpoints, overrides)
-    common.build_lora(project, "dpo")
+    args = common.build_trl_args(settings, workspace, checkpoints, overrides)
+    common.build_lora(settings, workspace)
 
     # Inputs: the SFT model and the preference pairs (TRL's conversational prompt/chosen/rejected).
     if not common.is_model_folder(sft_dir):
         raise UserError(
             f"{sft_dir}: no SFT model; train it first: "
-            f"persllm train sft {project.config_path} --persona {persona.id}"
+            f"persllm train sft {workspace.config_path} --persona {persona.id}"
         )
     pair_columns = ["prompt", "chosen", "rejected"]
-    dpo_train = project.layout.dpo_train(persona.id)
+    dpo_train = workspace.layout.dpo_train(persona.id)
     every_pair = common.read_dataset(dpo_train, pair_columns, "persllm pairs CONFIG")
-    train_set, heldout_set = split_pairs(every_pair, cfg.heldout_share, project.config.seed)
+    train_set, heldout_set = split_pairs(every_pair, cfg.heldout_share, settings.seed)
 
     # Policy and reference, both from the SFT model; the tokenizer (stage tokens, template) comes with it.
     sft_info = common.read_training_json(sft_dir)
-    trained_on, base_now = sft_info.get("base_model"), common.base_model_name(project)
+    trained_on, base_now = sft_info.get("base_model"), common.base_model_name(workspace, settings.base_model)
     if common.is_adapter(sft_dir) and trained_on and trained_on != base_now:
         raise UserError(
-            f"{project.config_path}: base_model.model: the SFT adapter in {sft_dir} was trained on "
+            f"{workspace.config_path}: base_model.model: the SFT adapter in {sft_dir} was trained on "
             f"{trained_on}, not {base_now}; retrain SFT (persllm train sft) or restore base_model.model"
         )
-    model, ref_model, peft_config, tokenizer, adapter_base = load_policy(project, sft_dir, cfg.method)
+    model, ref_model, peft_config, tokenizer, adapter_base = load_policy(
+        settings, workspace, sft_dir, cfg.method
+    )
 
     # Train, continuing from the last checkpoint when asked.
     trainer = trl.DPOTrainer(
@@ -104,7 +110,7 @@ def run(project: Project, persona_id: str, resume: bool = False, **overrides: An
             "output": str(out_dir),
             "method": cfg.method,
             "base_model": trained_on or base_now,
-            "base_model_id": sft_info.get("base_model_id") or portable_base(project.config.base_model.model),
+            "base_model_id": sft_info.get("base_model_id") or portable_base(settings.base_model.model),
             "adapter_base": adapter_base,
             "reference": str(sft_dir),
             "label_kind": sft_info.get("label_kind", "new_tokens"),
@@ -114,26 +120,26 @@ def run(project: Project, persona_id: str, resume: bool = False, **overrides: An
             "train_rows": len(train_set),
             "heldout_rows": len(heldout_set),
             "config": {
-                "trl": common.trl_kwargs(project, "dpo", checkpoints, overrides),
+                "trl": common.trl_kwargs(settings, workspace, checkpoints, overrides),
                 # The adapter's own LoRA settings: a new one's, or those of the SFT adapter it continues.
-                "lora": common.lora_kwargs(project, "dpo")
+                "lora": common.lora_kwargs(settings)
                 if peft_config is not None
                 else (sft_info.get("config") or {}).get("lora"),
             },
         },
     )
-    common.save_final(trainer, tokenizer, out_dir, info, common.card_text(project, persona.id, info))
+    common.save_final(trainer, tokenizer, out_dir, info, common.card_text(workspace, persona.id, info))
     if trainer.is_world_process_zero():
         # Measured on the written adapter, against the SFT adapter it started from, then added to the record.
         if len(heldout_set) and adapter_base == "base_model":
-            info["heldout_pairs"] = heldout_rewards(project, out_dir, sft_dir, heldout_set, float(args.beta))
+            info["heldout_pairs"] = heldout_rewards(settings, out_dir, sft_dir, heldout_set, float(args.beta))
         else:
             why = "dpo.heldout_share is 0" if not len(heldout_set) else "measured for LoRA-on-LoRA DPO only"
             info["heldout_pairs"] = {"pairs": len(heldout_set), "skipped": why}
         write_json_atomic(out_dir / common.TRAINING_JSON, info)
-        write_atomic(out_dir / "README.md", common.card_text(project, persona.id, info))
-        common.record(project, "train_dpo", persona.id, info)
-        common.drop_checkpoints(project, "dpo", checkpoints)
+        write_atomic(out_dir / "README.md", common.card_text(workspace, persona.id, info))
+        common.record(workspace, "train_dpo", persona.id, info)
+        common.drop_checkpoints(settings, checkpoints)
     return info
 
 
@@ -148,14 +154,14 @@ def split_pairs(pairs: Any, share: float, seed: int) -> tuple[Any, Any]:
 
 
 def heldout_rewards(
-    project: Project, policy: Path, reference: Path, pairs: Any, beta: float
+    settings: DPOSettings, policy: Path, reference: Path, pairs: Any, beta: float
 ) -> dict[str, Any]:
     """DPO's implicit reward on pairs it never trained on: per pair, ``beta`` x the policy's log-ratio to
     the reference on the chosen reply minus on the rejected one; accuracy = share of margins above 0,
     both with 95% bootstrap intervals over pairs."""
     import numpy as np
 
-    backend = TransformersBackend(project.config.base_model.model_copy(update={"backend": "transformers"}))
+    backend = TransformersBackend(settings.base_model.model_copy(update={"backend": "transformers"}))
     backend.add_adapter("policy", policy)
     backend.add_adapter("reference", reference)
     prompts = [row["prompt"] for row in pairs]
@@ -169,7 +175,7 @@ def heldout_rewards(
     chosen = total[("policy", "chosen")] - total[("reference", "chosen")]
     rejected = total[("policy", "rejected")] - total[("reference", "rejected")]
     margins = beta * (chosen - rejected)
-    indices = stats.resample_indices(len(margins), stats.RESAMPLES, project.config.seed)
+    indices = stats.resample_indices(len(margins), stats.RESAMPLES, settings.seed)
     accuracy = stats.mean_estimate((margins > 0).astype(float).tolist(), indices)
     return {
         "pairs": len(margins),
@@ -182,7 +188,9 @@ def heldout_rewards(
     }
 
 
-def load_policy(project: Project, sft_dir: Path, method: str) -> tuple[Any, Any, Any, Any, str | None]:
+def load_policy(
+    settings: DPOSettings, workspace: Workspace, sft_dir: Path, method: str
+) -> tuple[Any, Any, Any, Any, str | None]:
     """(policy, ref_model, peft_config, tokenizer, adapter_base) for the SFT x DPO method pairs.
 
     ``adapter_base`` says what the saved DPO adapter sits on: 'base_model', 'sft' (full SFT weights),
@@ -198,38 +206,39 @@ def load_policy(project: Project, sft_dir: Path, method: str) -> tuple[Any, Any,
 
         # TRL copies this adapter into a frozen "ref" adapter: the reference is exactly the SFT model.
         policy = PeftModel.from_pretrained(
-            _base_with_tokens(project, tokenizer), str(sft_dir), is_trainable=True
+            _base_with_tokens(settings, workspace, tokenizer), str(sft_dir), is_trainable=True
         )
         return policy, None, None, tokenizer, "base_model"
     if method == "lora":
         # A fresh adapter on the full SFT weights; with the adapter switched off TRL gets the reference.
         return (
-            _sft_weights(project, sft_dir, tokenizer),
+            _sft_weights(settings, workspace, sft_dir, tokenizer),
             None,
-            common.build_lora(project, "dpo"),
+            common.build_lora(settings, workspace),
             tokenizer,
             "sft",
         )
     # Full DPO: every weight trains against a frozen second copy of the SFT model.
-    policy = _sft_weights(project, sft_dir, tokenizer).requires_grad_(True)
-    reference = _sft_weights(project, sft_dir, tokenizer).eval()
+    policy = _sft_weights(settings, workspace, sft_dir, tokenizer).requires_grad_(True)
+    reference = _sft_weights(settings, workspace, sft_dir, tokenizer).eval()
     return policy, reference, None, tokenizer, None
 
 
-def _sft_weights(project: Project, sft_dir: Path, tokenizer: Any) -> Any:
+def _sft_weights(settings: DPOSettings, workspace: Workspace, sft_dir: Path, tokenizer: Any) -> Any:
     """The SFT model as plain weights: its adapter merged into the base, or the full SFT folder."""
     if common.is_adapter(sft_dir):
         from peft import PeftModel
 
         return PeftModel.from_pretrained(
-            _base_with_tokens(project, tokenizer), str(sft_dir)
+            _base_with_tokens(settings, workspace, tokenizer), str(sft_dir)
         ).merge_and_unload()
-    model, _ = common.load_pretrained(project, str(sft_dir))
+    model, _ = common.load_pretrained(workspace, settings.base_model, str(sft_dir))
     return model
 
 
-def _base_with_tokens(project: Project, tokenizer: Any) -> Any:
+def _base_with_tokens(settings: DPOSettings, workspace: Workspace, tokenizer: Any) -> Any:
     """The base model grown to the SFT tokenizer's vocabulary, ready for the SFT adapter."""
-    model, _ = common.load_pretrained(project, common.base_model_name(project))
+    base = settings.base_model
+    model, _ = common.load_pretrained(workspace, base, common.base_model_name(workspace, base))
     common.add_stage_tokens(model, tokenizer, [])
     return model

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from persllm.config import Project
+from persllm.config import LLMConfig, Project, Workspace
 from persllm.errors import UserError
 from persllm.train import common
 
@@ -33,10 +33,10 @@ def run(project: Project, persona_id: str, out: Path, variant: str | None = None
         token ids where a label is one token), parameter count.
     """
     persona = project.persona(persona_id)
-    variant = variant or pick_variant(project, persona.id)
+    variant = variant or pick_variant(project.workspace, persona.id)
     if variant not in VARIANTS:
         raise UserError(f"--model {variant}: use one of {', '.join(VARIANTS)}")
-    source, _ = common.model_dirs(project, persona.id, variant)
+    source, _ = common.model_dirs(project.layout, persona.id, variant)
     out = Path(out)
     _check_target(out)
 
@@ -66,13 +66,13 @@ def run(project: Project, persona_id: str, out: Path, variant: str | None = None
     return info
 
 
-def pick_variant(project: Project, persona_id: str) -> str:
+def pick_variant(workspace: Workspace, persona_id: str) -> str:
     for variant in ("dpo", "sft"):
-        if common.is_model_folder(common.model_dirs(project, persona_id, variant)[0]):
+        if common.is_model_folder(common.model_dirs(workspace.layout, persona_id, variant)[0]):
             return variant
     raise UserError(
-        f"{project.layout.models / persona_id}: no trained model; "
-        f"run persllm train sft {project.config_path} --persona {persona_id} first"
+        f"{workspace.layout.models / persona_id}: no trained model; "
+        f"run persllm train sft {workspace.config_path} --persona {persona_id} first"
     )
 
 
@@ -84,30 +84,33 @@ def load_trained(project: Project, persona_id: str, variant: str, merge: bool = 
     """
     if variant not in VARIANTS:
         raise UserError(f"--model {variant}: use one of {', '.join(VARIANTS)}")
-    folder, _ = common.model_dirs(project, persona_id, variant)
+    folder, _ = common.model_dirs(project.layout, persona_id, variant)
     if not common.is_model_folder(folder):
         raise UserError(
             f"{folder}: no trained {variant} model; run persllm train {variant} {project.config_path} "
             f"--persona {persona_id} first"
         )
-    return load_folder(project, folder, persona_id, merge)
+    return load_folder(project.workspace, project.config.base_model, folder, persona_id, merge)
 
 
-def load_folder(project: Project, folder: Path, persona_id: str, merge: bool = False) -> tuple[Any, Any]:
-    """(model, tokenizer) of one trained folder of ``persona_id`` (full weights or a LoRA adapter)."""
+def load_folder(
+    workspace: Workspace, base_model: LLMConfig, folder: Path, persona_id: str, merge: bool = False
+) -> tuple[Any, Any]:
+    """(model, tokenizer) of one trained folder of ``persona_id`` (full weights or a LoRA adapter) over
+    ``base_model``."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     if not common.is_adapter(folder):
-        model, _ = common.load_pretrained(project, str(folder))
+        model, _ = common.load_pretrained(workspace, base_model, str(folder))
         return model.eval(), tokenizer
     info = common.read_training_json(folder)
     if info.get("adapter_base") == "sft":
-        base_name = str(common.model_dirs(project, persona_id, "sft")[0])
+        base_name = str(common.model_dirs(workspace.layout, persona_id, "sft")[0])
     else:
-        base_name = common.base_model_name(project)
-    base, _ = common.load_pretrained(project, base_name)
+        base_name = common.base_model_name(workspace, base_model)
+    base, _ = common.load_pretrained(workspace, base_model, base_name)
     common.add_stage_tokens(base, tokenizer, [])
     model = PeftModel.from_pretrained(base, str(folder))
     if merge:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from persllm.bundled import SMOLLM2
-from persllm.config import Project
+from persllm.config import LLMConfig, Project, Workspace
 from persllm.errors import UserError
 from persllm.layout import GENERATION_GGUF
 from persllm.llm.llamacpp_backend import gguf_path
@@ -56,26 +56,34 @@ def export_dir(
     """
     check_file_type(file_type)
     ids = personas or list(project.personas)
-    chosen = {pid: variant or pick_variant(project, project.persona(pid).id) for pid in ids}
+    chosen = {pid: variant or pick_variant(project.workspace, project.persona(pid).id) for pid in ids}
     _check_dir(out)
     marker = _read_marker(out)
-    base_name = common.base_model_name(project)
+    base_name = common.base_model_name(project.workspace, project.config.base_model)
     base_source = f"{_fingerprint(Path(base_name))}:{file_type}"
     results: list[dict[str, Any]] = []
     base_info: dict[str, Any] | None = None
     for pid, var in chosen.items():
-        folder, _ = common.model_dirs(project, pid, var)
+        folder, _ = common.model_dirs(project.layout, pid, var)
         if not common.is_model_folder(folder):
             raise UserError(f"{folder}: no trained {var} model; run persllm train {var} first")
         if is_base_adapter(folder):
             if base_info is None:
                 base_info = _base_file(project, out, base_name, base_source, file_type, marker)
             name = f"{pid}-{var}.lora.gguf"
-            facts = write_lora_gguf(folder, _base_config(project), out / name, f"{pid} ({var})", file_type)
+            facts = write_lora_gguf(
+                folder,
+                _base_config(project.workspace, project.config.base_model),
+                out / name,
+                f"{pid} ({var})",
+                file_type,
+            )
             results.append(_modelfile(project, pid, var, folder, out, BASE_FILE, name, stage) | facts)
         else:
             name = f"{pid}-{var}.gguf"
-            model, tokenizer = load_folder(project, folder, pid, merge=True)
+            model, tokenizer = load_folder(
+                project.workspace, project.config.base_model, folder, pid, merge=True
+            )
             facts = write_gguf(model, tokenizer, out / name, f"{pid} ({var})", file_type)
             results.append(_modelfile(project, pid, var, folder, out, name, None, stage) | facts)
     marker = {"base": base_info or marker.get("base"), "personas": {r["persona"]: r for r in results}}
@@ -99,11 +107,13 @@ def export_merged(
     modelfile = out.with_name(out.stem + ".Modelfile")
     if out.exists() and not modelfile.exists():
         raise UserError(f"{out}: exists and is not an earlier persllm export; choose a new file name")
-    variant = variant or pick_variant(project, persona.id)
-    source, _ = common.model_dirs(project, persona.id, variant)
+    variant = variant or pick_variant(project.workspace, persona.id)
+    source, _ = common.model_dirs(project.layout, persona.id, variant)
     if not common.is_model_folder(source):
         raise UserError(f"{source}: no trained {variant} model; run persllm train {variant} first")
-    model, tokenizer = load_folder(project, source, persona.id, merge=True)
+    model, tokenizer = load_folder(
+        project.workspace, project.config.base_model, source, persona.id, merge=True
+    )
     labels = [str(s.label) for s in persona.stages]
     facts = write_gguf(model, tokenizer, out, f"{persona.name} ({variant})", file_type)
     _write_modelfile(project, persona.id, variant, source, modelfile, out.name, None, stage_cfg.id)
@@ -121,31 +131,33 @@ def export_merged(
 # --------------------------------------------------------------------------- files for generation
 
 
-def generation_base(project: Project) -> Path:
+def generation_base(workspace: Workspace, base_model: LLMConfig) -> Path:
     """The base GGUF ``base_model.backend: llamacpp`` runs: a ``.gguf`` model or ``bundled:smollm2`` as it
     is, a Hugging Face model exported (F16) under ``models/`` on first use."""
 
-    model = project.config.base_model.model
+    model = base_model.model
     if model == SMOLLM2 or model.endswith(".gguf"):
         return gguf_path(model)
-    source = Path(common.base_model_name(project))
-    out = project.layout.generation_gguf()
-    return _current(out, _fingerprint(source), lambda: _write_base(project, source, out))
+    source = Path(common.base_model_name(workspace, base_model))
+    out = workspace.layout.generation_gguf()
+    return _current(out, _fingerprint(source), lambda: _write_base(workspace, base_model, source, out))
 
 
-def generation_adapter(project: Project, persona_id: str, folder: Path) -> tuple[Path, bool]:
+def generation_adapter(
+    workspace: Workspace, base_model: LLMConfig, persona_id: str, folder: Path
+) -> tuple[Path, bool]:
     """(GGUF file, is an adapter) for a trained folder under ``base_model.backend: llamacpp``: a LoRA
     adapter file of the base (F32, exact), or a merged model file for a persona that cannot be one."""
     if is_base_adapter(folder):
-        out = project.layout.lora_gguf(persona_id, folder.name)
-        config = _base_config(project)
+        out = workspace.layout.lora_gguf(persona_id, folder.name)
+        config = _base_config(workspace, base_model)
         name = f"{persona_id} ({folder.name})"
         made = _current(out, _fingerprint(folder), lambda: write_lora_gguf(folder, config, out, name, "f32"))
         return made, True
 
     def merged() -> None:
-        trained, tokenizer = load_folder(project, folder, persona_id, merge=True)
-        write_gguf(trained, tokenizer, out, f"{project.persona(persona_id).name} ({folder.name})", "f16")
+        trained, tokenizer = load_folder(workspace, base_model, folder, persona_id, merge=True)
+        write_gguf(trained, tokenizer, out, f"{workspace.persona(persona_id).name} ({folder.name})", "f16")
 
     out = folder / GENERATION_GGUF
     return _current(out, _fingerprint(folder), merged), False
@@ -168,18 +180,18 @@ def _fingerprint(path: Path) -> str:
     return weights_fingerprint(path) if path.exists() else str(path)
 
 
-def _base_config(project: Project) -> Any:
+def _base_config(workspace: Workspace, base_model: LLMConfig) -> Any:
     from transformers import AutoConfig
 
-    name = common.base_model_name(project)
+    name = common.base_model_name(workspace, base_model)
     if name.endswith(".gguf"):
         return AutoConfig.from_pretrained(str(Path(name).parent), gguf_file=Path(name).name)
     return AutoConfig.from_pretrained(name)
 
 
-def _write_base(project: Project, source: Path, out: Path) -> dict[str, Any]:
-    model, tokenizer = common.load_pretrained(project, str(source))
-    return write_gguf(model, tokenizer, out, project.config.base_model.model, "f16")
+def _write_base(workspace: Workspace, base_model: LLMConfig, source: Path, out: Path) -> dict[str, Any]:
+    model, tokenizer = common.load_pretrained(workspace, base_model, str(source))
+    return write_gguf(model, tokenizer, out, base_model.model, "f16")
 
 
 def _base_file(
@@ -188,7 +200,7 @@ def _base_file(
     earlier = marker.get("base") or {}
     if (out / BASE_FILE).exists() and earlier.get("source") == source:
         return dict(earlier)
-    model, tokenizer = common.load_pretrained(project, base_name)
+    model, tokenizer = common.load_pretrained(project.workspace, project.config.base_model, base_name)
     facts = write_gguf(model, tokenizer, out / BASE_FILE, project.config.base_model.model, file_type)
     return {**facts, "source": source}
 

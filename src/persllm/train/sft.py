@@ -11,17 +11,21 @@ model card (``README.md``) and ``training.json``.
 import time
 from typing import Any
 
-from persllm.config import Project
+from persllm.config import Workspace
+from persllm.config.stages import SFTSettings
 from persllm.curate.stats import curated_format
 from persllm.train import common
 from persllm.train.card import portable_base
 
 
-def run(project: Project, persona_id: str, resume: bool = False, **overrides: Any) -> dict[str, Any]:
+def run(
+    settings: SFTSettings, workspace: Workspace, persona_id: str, resume: bool = False, **overrides: Any
+) -> dict[str, Any]:
     """Train the SFT model of ``persona_id``.
 
     Args:
-        project: the loaded project.
+        settings: the sections SFT reads (``SFTSettings.of(project.config)``).
+        workspace: the project's personas and run folder (``project.workspace``).
         persona_id: which persona.
         resume: continue from the last checkpoint in ``models/<persona>/checkpoints/sft`` (a fresh
             run otherwise, which clears those checkpoints).
@@ -32,35 +36,37 @@ def run(project: Project, persona_id: str, resume: bool = False, **overrides: An
     """
     import trl
 
-    cfg = project.config.sft
-    persona = project.persona(persona_id)
-    out_dir, checkpoints = common.model_dirs(project, persona.id, "sft")
+    cfg = settings.sft
+    persona = workspace.persona(persona_id)
+    out_dir, checkpoints = common.model_dirs(workspace.layout, persona.id, "sft")
 
     # Config first: a typo in sft.trl or sft.lora fails before anything is loaded.
-    args = common.build_trl_args(project, "sft", checkpoints, overrides)
-    common.build_lora(project, "sft")
+    args = common.build_trl_args(settings, workspace, checkpoints, overrides)
+    common.build_lora(settings, workspace)
 
     # Data: TRL's conversational form; meta stays out of the trainer.
     make_it = "persllm curate CONFIG"
-    train_set = common.read_dataset(project.layout.sft_train(persona.id), ["messages"], make_it)
-    test_path = project.layout.sft_test(persona.id)
+    train_set = common.read_dataset(workspace.layout.sft_train(persona.id), ["messages"], make_it)
+    test_path = workspace.layout.sft_test(persona.id)
     test_set = common.read_dataset(test_path, ["messages"], make_it) if common.has_rows(test_path) else None
 
     # Model and tokenizer; with stage_labels.kind: new_tokens, the labels become new (mean-initialised) rows.
-    base_name = common.base_model_name(project)
-    model, tokenizer = common.load_pretrained(project, base_name)
-    kind = project.config.stage_labels.kind
-    labels = common.stage_labels(project, persona.id)
+    base_name = common.base_model_name(workspace, settings.base_model)
+    model, tokenizer = common.load_pretrained(workspace, settings.base_model, base_name)
+    kind = settings.stage_labels.kind
+    labels = common.stage_labels(workspace, persona.id)
     new_ids = common.add_stage_tokens(model, tokenizer, labels) if kind == "new_tokens" else []
 
     # Assistant-only loss needs {% generation %} markers; train with a twin template, serve with the original.
     serving_template = tokenizer.chat_template
     if args.assistant_only_loss and not args.chat_template_path:
-        tokenizer.chat_template = common.training_chat_template(project, tokenizer) or serving_template
+        tokenizer.chat_template = common.training_chat_template(workspace, tokenizer) or serving_template
 
     # LoRA (embeddings + LM head trained when tokens were added) or full fine-tuning.
     peft_config = (
-        common.build_lora(project, "sft", model, new_tokens=bool(new_ids)) if cfg.method == "lora" else None
+        common.build_lora(settings, workspace, model, new_tokens=bool(new_ids))
+        if cfg.method == "lora"
+        else None
     )
 
     # Train, continuing from the last checkpoint when asked.
@@ -92,24 +98,24 @@ def run(project: Project, persona_id: str, resume: bool = False, **overrides: An
             "output": str(out_dir),
             "method": cfg.method,
             "base_model": base_name,
-            "base_model_id": portable_base(project.config.base_model.model),
+            "base_model_id": portable_base(settings.base_model.model),
             "adapter_base": "base_model",
             "label_kind": kind,
             "stage_labels": {stage.id: stage.label for stage in persona.stages},
             "stage_tokens": common.single_token_ids(tokenizer, labels),
             "added_token_ids": new_ids,
-            "system_prompt": curated_format(project.layout.stats(persona.id), project.config.curate)[1],
+            "system_prompt": curated_format(workspace.layout.stats(persona.id), settings.curate)[1],
             "train_rows": len(train_set),
             "test_rows": len(test_set) if test_set is not None else 0,
             "config": {
-                "trl": common.trl_kwargs(project, "sft", checkpoints, overrides),
-                "lora": common.lora_kwargs(project, "sft") if cfg.method == "lora" else None,
+                "trl": common.trl_kwargs(settings, workspace, checkpoints, overrides),
+                "lora": common.lora_kwargs(settings) if cfg.method == "lora" else None,
                 "assistant_only_loss": args.assistant_only_loss,
             },
         },
     )
-    common.save_final(trainer, tokenizer, out_dir, info, common.card_text(project, persona.id, info))
+    common.save_final(trainer, tokenizer, out_dir, info, common.card_text(workspace, persona.id, info))
     if trainer.is_world_process_zero():
-        common.record(project, "train_sft", persona.id, info)
-        common.drop_checkpoints(project, "sft", checkpoints)
+        common.record(workspace, "train_sft", persona.id, info)
+        common.drop_checkpoints(settings, checkpoints)
     return info
