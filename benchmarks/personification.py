@@ -16,7 +16,8 @@ need): 100 held-out passages per stage (400, from 105 held out) scored by likeli
 under each stage, 30 per stage (120) also answered, 180 own-words dialogues planned per stage (145 to 163
 reached training after curation); 95 min from an empty folder (benchmarks/results.md). Progress lines
 pass through to stderr. Every model call is cached in the run folder, so a re-run only pays for what
-changed; ``--fresh`` starts from an empty run folder. Prints a table and writes benchmarks/out/personification.json.
+changed; ``--fresh`` starts from an empty run folder. Prints a table and writes
+benchmarks/out/personification.json.
 """
 
 import argparse
