@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from persllm.config.stages import AnnotateSettings, CurateSettings, EvalSettings, IndexSettings
+from persllm.config.stages import AnnotateSettings, CurateSettings, IndexSettings
 from persllm.errors import UserError
 from persllm.persona.chat_formats import Message, read_messages
 from persllm.persona.dialogue import Exchange, exchanges_of, without_heldout
@@ -326,7 +326,7 @@ def test_real_exchanges_train_as_they_are_and_held_out_ones_are_asked_as_they_we
     # The evaluation asks the real turns before the reply; the trained system sees the label first.
     items = [
         i
-        for i in load_heldout_items(*EvalSettings.of_project(project), None)
+        for i in load_heldout_items(project.workspace, None)
         if i.reference in {r["turns"][-1]["content"] for r in held}
     ]
     assert len(items) == len(held)

@@ -107,7 +107,7 @@ def test_heldout_items_are_read_with_the_persona_prompt(tmp_path: Path) -> None:
         "reply": {"source": "heldout", "ref": "corpus/elsie/keeper/style.txt:1", "question": "topic"},
     }
     write_jsonl(project.run_dir / "annotations" / "heldout" / "elsie.jsonl", [record])
-    items = load_heldout_items(*EvalSettings.of_project(project), None)
+    items = load_heldout_items(project.workspace, None)
     assert [(i.id, i.set, i.question, i.reference) for i in items] == [
         ("q1", "heldout", "What can you tell me about the lamp?", "I keep the light.")
     ]

@@ -13,7 +13,13 @@ from persllm.config import Project, load_project
 from persllm.config.llm import LLMConfig
 from persllm.config.stages import EvalSettings
 from persllm.evaluate import likelihood
-from persllm.evaluate.systems import load_heldout_items, messages_for, plan_systems, retrieval_context
+from persllm.evaluate.systems import (
+    System,
+    load_heldout_items,
+    messages_for,
+    plan_systems,
+    retrieval_context,
+)
 from persllm.jsonl import write_jsonl
 from tests.fake_openai import FakeOpenAI
 from tests.test_eval_project import make_project
@@ -90,7 +96,7 @@ def train_on_own_words(project: Project, model: Path, persona_id: str, steps: in
     trained = plan_systems(*EvalSettings.of_project(project), ["prompt"])[0][0]
     trained.mode = "trained"
     texts = []
-    for item in load_heldout_items(*EvalSettings.of_project(project), None):
+    for item in load_heldout_items(project.workspace, None):
         if item.persona == persona_id:
             messages = messages_for(trained, item)
             texts.append(
@@ -111,6 +117,15 @@ def train_on_own_words(project: Project, model: Path, persona_id: str, steps: in
     return folder
 
 
+def score_heldout(project: Project, names: list[str]) -> tuple[list[System], dict[str, Any]]:
+    """The systems ``names`` and their likelihood metrics on every held-out item of ``project``."""
+    settings, workspace = EvalSettings.of_project(project)
+    systems, skipped = plan_systems(settings, workspace, names)
+    items = load_heldout_items(workspace, None)
+    context = retrieval_context(settings, workspace)
+    return systems, likelihood.run(settings, workspace, systems, items, context, {}, skipped)
+
+
 @pytest.mark.slow
 def test_a_model_that_knows_the_real_words_is_told_apart_from_one_that_does_not(
     tmp_path: Path, tiny_model_dir: Path
@@ -118,16 +133,7 @@ def test_a_model_that_knows_the_real_words_is_told_apart_from_one_that_does_not(
     project = heldout_project(tmp_path, tiny_model_dir)
     for persona_id in project.personas:
         train_on_own_words(project, tiny_model_dir, persona_id)
-    systems, skipped = plan_systems(*EvalSettings.of_project(project), ["prompt", "sft"])
-    items = load_heldout_items(*EvalSettings.of_project(project), None)
-    result = likelihood.run(
-        *EvalSettings.of_project(project),
-        systems,
-        items,
-        retrieval_context(*EvalSettings.of_project(project)),
-        {},
-        skipped,
-    )
+    _, result = score_heldout(project, ["prompt", "sft"])
 
     assert result["counts"]["items"] == 16
     assert result["counts"]["decoys"] == {"other_stage": 16, "other_persona": 16, "same_stage": 16}
@@ -186,39 +192,26 @@ def test_what_cannot_be_scored_says_why(tmp_path: Path, tiny_model_dir: Path) ->
             }
         },
     )
-    systems, skipped = plan_systems(*EvalSettings.of_project(project), ["prompt", "remote"])
+    settings, workspace = EvalSettings.of_project(project)
+    systems, skipped = plan_systems(settings, workspace, ["prompt", "remote"])
     one_stage = [
         item
-        for item in load_heldout_items(*EvalSettings.of_project(project), None)
+        for item in load_heldout_items(project.workspace, None)
         if item.stage in ("keeper", "schoolmaster")
     ]
     # Items of one stage per persona still get their other stages' prompts; a persona with one stage
     # has none, which the stage metrics leave empty.
     for persona in project.personas.values():
         persona.stages = persona.stages[:1]
-    result = likelihood.run(
-        *EvalSettings.of_project(project),
-        systems,
-        one_stage,
-        retrieval_context(*EvalSettings.of_project(project)),
-        {},
-        skipped,
-    )
+    context = retrieval_context(settings, workspace)
+    result = likelihood.run(settings, workspace, systems, one_stage, context, {}, skipped)
     assert "prompt log-probabilities" in skipped["remote (likelihood)"]
     assert "one stage" in skipped["stage discrimination"]
     assert list(result["systems"]) == ["prompt"]
     assert result["systems"]["prompt"]["stage_wins"]["value"] is None
     assert result["systems"]["prompt"]["heldout_nll"]["n"] == 8
     assert result["counts"]["decoys"]["other_stage"] == 0  # no other stage to draw a decoy from
-    none = likelihood.run(
-        *EvalSettings.of_project(project),
-        systems,
-        [],
-        retrieval_context(*EvalSettings.of_project(project)),
-        {},
-        {},
-    )
-    assert none == {}
+    assert likelihood.run(settings, workspace, systems, [], context, {}, {}) == {}
 
 
 def test_the_metrics_follow_from_the_nlls() -> None:
@@ -288,10 +281,8 @@ def test_the_judge_is_first_measured_at_picking_the_real_passage(
         return "none"
 
     project = heldout_project(tmp_path, tiny_model_dir)
-    items = load_heldout_items(*EvalSettings.of_project(project), None)
-    plans = likelihood.plan(
-        *EvalSettings.of_project(project), items, ["other_stage", "other_persona", "same_stage"], 7
-    )
+    items = load_heldout_items(project.workspace, None)
+    plans = likelihood.plan(project.workspace, items, ["other_stage", "other_persona", "same_stage"], 7)
     personas = {f"{p.id}/{s.id}": (p.name, s.time) for p in project.personas.values() for s in p.stages}
     results = {}
     for name, reply in (("knowing", knowing), ("always A", "A"), ("garbage", "I cannot say.")):
@@ -312,17 +303,8 @@ def test_the_evaluation_can_run_its_models_in_bfloat16(tmp_path: Path, tiny_mode
     values = {}
     for dtype in ("float32", "bfloat16"):
         project = heldout_project(tmp_path / dtype, tiny_model_dir, {"dtype": dtype})
-        systems, skipped = plan_systems(*EvalSettings.of_project(project), ["prompt"])
+        systems, result = score_heldout(project, ["prompt"])
         assert systems[0].llm.dtype == dtype
-        items = load_heldout_items(*EvalSettings.of_project(project), None)
-        result = likelihood.run(
-            *EvalSettings.of_project(project),
-            systems,
-            items,
-            retrieval_context(*EvalSettings.of_project(project)),
-            {},
-            skipped,
-        )
         values[dtype] = result["systems"]["prompt"]["heldout_nll"]["value"]
         # Answers in another dtype differ a little: they never share cache rows with float32 ones.
         weights = TransformersBackend(systems[0].llm).cache_identity({})["weights"]

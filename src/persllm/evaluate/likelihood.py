@@ -63,9 +63,7 @@ class Plan:
     other_stages: list[Item]  # the item re-prompted at each other stage of its persona
 
 
-def plan(
-    settings: EvalSettings, workspace: Workspace, items: list[Item], kinds: list[str], seed: int
-) -> list[Plan]:
+def plan(workspace: Workspace, items: list[Item], kinds: list[str], seed: int) -> list[Plan]:
     """Decoys and stage variants for every held-out item; a decoy that has no candidate is left out."""
     by_persona_stage: dict[tuple[str, str], list[Item]] = {}
     for item in items:
@@ -210,7 +208,7 @@ def run(
     if not items:
         skipped["likelihood"] = "no held-out own words with questions: set holdout.share above 0"
         return {}
-    plans = plan(settings, workspace, items, list(cfg.decoys), settings.seed)
+    plans = plan(workspace, items, list(cfg.decoys), settings.seed)
     if all(not p.other_stages for p in plans):
         skipped["stage discrimination"] = "every persona has one stage; stage_wins needs two or more"
     scorers = {}

@@ -138,7 +138,7 @@ def converse(
             if text is None:
                 continue  # the emulator failed; its error is on the record
             if round_number == 0:
-                messages[probe.id] = first_messages(settings, workspace, system, probe, text, retrieval)
+                messages[probe.id] = first_messages(workspace, system, probe, text, retrieval)
             else:
                 messages[probe.id].append({"role": "user", "content": text})
             records[probe.id]["turns"].append({"user": text, "reply": "", "emulated": turn is EMULATED})
@@ -165,7 +165,6 @@ def record_of(system: System, probe: Probe) -> dict[str, Any]:
 
 
 def first_messages(
-    settings: EvalSettings,
     workspace: Workspace,
     system: System,
     probe: Probe,

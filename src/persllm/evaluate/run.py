@@ -105,7 +105,7 @@ def run(
 
     # ---------------------------------------------------------------- prompts
     context = retrieval_context(settings, workspace)
-    requests = build_requests(settings, workspace, inputs, context)
+    requests = build_requests(settings, inputs, context)
 
     # ---------------------------------------------------------------- answers, likelihood, probes
     laps = Laps()
@@ -120,15 +120,15 @@ def run(
         settings,
         workspace,
         answers.rows,
-        encoder_of(settings, workspace),
+        encoder_of(settings),
         settings.eval.baseline,
         settings.eval.resamples,
     )
     laps.lap("scoring")
 
     # ---------------------------------------------------------------- outputs
-    result = metrics_of(settings, workspace, inputs, answers, scored, judge_validity, laps.seconds, max_items)
-    write_outputs(settings, workspace, inputs, answers, result)
+    result = metrics_of(settings, inputs, answers, scored, judge_validity, laps.seconds, max_items)
+    write_outputs(workspace, inputs, answers, result)
     record_done(settings, workspace, inputs, result, time.monotonic() - started)
     return result
 
@@ -148,8 +148,8 @@ def gather_inputs(
         planned=planned,
         skipped=skipped,
         golden=load_items(settings, workspace, max_items or cfg.max_items),
-        heldout=load_heldout_items(settings, workspace, max_items or cfg.heldout_items),
-        passages=load_heldout_items(settings, workspace, cfg.likelihood.max_items),
+        heldout=load_heldout_items(workspace, max_items or cfg.heldout_items),
+        passages=load_heldout_items(workspace, cfg.likelihood.max_items),
         judge=judging.resolve_judge(cfg.judge, judge),
     )
     if not inputs.items:
@@ -168,9 +168,7 @@ def gather_inputs(
     return inputs
 
 
-def build_requests(
-    settings: EvalSettings, workspace: Workspace, inputs: Inputs, context: Any
-) -> list[Request]:
+def build_requests(settings: EvalSettings, inputs: Inputs, context: Any) -> list[Request]:
     """Every system's prompt for every item and sample; a system whose prompts cannot be built (rag with
     no index) is skipped with the reason."""
     requests: list[Request] = []
@@ -192,7 +190,7 @@ def build_requests(
     return requests
 
 
-def encoder_of(settings: EvalSettings, workspace: Workspace) -> Callable[[list[str]], Any]:
+def encoder_of(settings: EvalSettings) -> Callable[[list[str]], Any]:
     def encode(texts: list[str]) -> Any:
         return embed(texts, settings.embedder)
 
@@ -231,9 +229,7 @@ def answer(
         )
         laps.lap("questionnaire")
         probe_records, robust = (
-            robustness.run(
-                settings, workspace, planned, cache, backends, inputs.judge, encoder_of(settings, workspace)
-            )
+            robustness.run(settings, workspace, planned, cache, backends, inputs.judge, encoder_of(settings))
             if cfg.robustness.enabled
             else ([], {})
         )
@@ -271,7 +267,7 @@ def judge_answers(
         inputs.judge,
         cache,
         params,
-        likelihood.plan(settings, workspace, inputs.passages, list(cfg.likelihood.decoys), settings.seed),
+        likelihood.plan(workspace, inputs.passages, list(cfg.likelihood.decoys), settings.seed),
         personas,
         cfg.resamples,
         settings.seed,
@@ -284,7 +280,6 @@ def judge_answers(
 
 def metrics_of(
     settings: EvalSettings,
-    workspace: Workspace,
     inputs: Inputs,
     answers: Answers,
     scored: dict[str, Any],
@@ -335,9 +330,7 @@ def metrics_of(
     }
 
 
-def write_outputs(
-    settings: EvalSettings, workspace: Workspace, inputs: Inputs, answers: Answers, result: dict[str, Any]
-) -> None:
+def write_outputs(workspace: Workspace, inputs: Inputs, answers: Answers, result: dict[str, Any]) -> None:
     """Generations, probes, metrics and the report; each trained folder's card gets its headline."""
     layout = workspace.layout
     write_jsonl(layout.generations, answers.rows)

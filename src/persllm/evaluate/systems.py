@@ -100,7 +100,7 @@ def load_items(settings: EvalSettings, workspace: Workspace, max_items: int | No
     items: list[Item] = []
     for persona_id in workspace.personas:
         path = workspace.layout.sft_test(persona_id)
-        contexts = annotation_contexts(settings, workspace, persona_id)
+        contexts = annotation_contexts(workspace, persona_id)
         taken: dict[str, int] = defaultdict(int)
         for number, row in enumerate(read_jsonl(path), start=1):
             item = item_of(row, f"{path}:{number}")
@@ -115,7 +115,7 @@ def load_items(settings: EvalSettings, workspace: Workspace, max_items: int | No
     return items
 
 
-def load_heldout_items(settings: EvalSettings, workspace: Workspace, max_items: int | None) -> list[Item]:
+def load_heldout_items(workspace: Workspace, max_items: int | None) -> list[Item]:
     """The held-out own-words items: one per held-out passage with a back-written question."""
     items: list[Item] = []
     for persona_id, persona in workspace.personas.items():
@@ -178,9 +178,7 @@ def item_of(row: dict[str, Any], where: str) -> Item:
     )
 
 
-def annotation_contexts(
-    settings: EvalSettings, workspace: Workspace, persona_id: str
-) -> dict[str, dict[str, str]]:
+def annotation_contexts(workspace: Workspace, persona_id: str) -> dict[str, dict[str, str]]:
     """The retrieved context of each annotation record, by record id."""
     path = workspace.layout.dialogues(persona_id)
     contexts: dict[str, dict[str, str]] = {}
