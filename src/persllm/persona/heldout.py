@@ -81,9 +81,10 @@ def choose_heldout(chunks: list[Chunk], rule: HoldoutRule, seed: int, where: str
     for candidate in style:  # a repeat of a passage already held out would be its own decoy
         if len(held) == n_held:
             break
-        if not word_runs(candidate.text) & runs:
+        own = word_runs(candidate.text)
+        if not own & runs:
             held.append(candidate)
-            runs |= word_runs(candidate.text)
+            runs |= own
     return sorted(held, key=lambda c: (c.ref, c.id))
 
 
